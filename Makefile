@@ -1,0 +1,40 @@
+# nslab: the README's two commands are `make demo` and `make test`; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test bench lint ui fashion-mnist clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# torchattacks is only our attacks' cross-check; its metadata pins requests~=2.25, which would
+	# downgrade requests under Ray and MLflow (its code never imports requests): install it alone.
+	$(PY) -m pip install -q --no-deps torchattacks==3.5.1
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m pipelines.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m bench
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+# Full Fashion-MNIST (70k images, MIT) from Debian; ns_core.data unpacks it on first use.
+fashion-mnist:
+	apt-get update -q && apt-get install -y -q dataset-fashion-mnist
+
+clean:
+	rm -rf $(VENV) .pytest_cache

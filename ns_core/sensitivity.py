@@ -1,0 +1,253 @@
+"""Neuron sensitivity: how much each neuron's activation moves between x and its adversarial twin x'.
+
+    sigma_l^m = (1/N) sum_i (1/dim F_l^m(x_i)) * || F_l^m(x_i) - F_l^m(x'_i) ||_1
+
+A neuron is one channel of a conv output (an H x W map) or one unit of a linear output (a scalar).
+The relative variant divides each term by the neuron's benign mean |activation| (zero-guarded).
+
+`measure_sensitivity` streams over (x, x_adv) batches and keeps three float64 accumulators per neuron
+(absolute, relative, benign magnitude): memory is O(neurons), never O(N). Each batch costs one
+forward pass of the concatenated [x; x_adv] in eval mode (BN uses running statistics, so the
+concatenation changes nothing), with activations read by scoped forward hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from ns_core.utils import eval_mode
+
+SENSITIVITY_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("layer_index", pa.int32()),
+        ("neuron", pa.int32()),
+        ("sensitivity", pa.float64()),
+        ("relative_sensitivity", pa.float64()),
+        ("benign_activation", pa.float64()),
+        ("rank", pa.int32()),
+        ("selected", pa.bool_()),
+    ]
+)
+RELATIVE_GUARD = 1e-8
+
+
+def resolve_layers(model: nn.Module, layers: Iterable[str]) -> dict[str, nn.Module]:
+    """Map layer names to modules; an unknown name raises with the valid names."""
+    modules = dict(model.named_modules())
+    resolved = {}
+    for name in layers:
+        if name not in modules or name == "":
+            valid = ", ".join(n for n in modules if n)
+            raise ValueError(f"unknown layer {name!r}; layers of this model are: {valid}")
+        resolved[name] = modules[name]
+    if not resolved:
+        raise ValueError("no layers given; pass module names from model.named_modules()")
+    return resolved
+
+
+class ActivationCapture:
+    """Scoped forward hooks that keep the latest output of each named layer.
+
+    With `channels` set (layer -> LongTensor of neuron indices), a hook keeps only those neurons
+    (`index_select` on dim 1), so training holds just what the SNS regularizer needs. Outputs are
+    kept with their autograd graph: a loss built on them trains the model.
+
+        with ActivationCapture(model, ["relu1", "relu3"]) as capture:
+            model(x)
+            acts = capture.pop()   # {"relu1": (B, C, H, W), "relu3": (B, N)}
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Iterable[str], channels: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        self.modules = resolve_layers(model, layers)
+        self.channels = dict(channels or {})
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            if not isinstance(output, torch.Tensor) or output.dim() < 2:
+                raise TypeError(f"layer {name!r} must output a (batch, neurons, ...) tensor")
+            index = self.channels.get(name)
+            self.outputs[name] = output if index is None else output.index_select(1, index)
+
+        return hook
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """The outputs captured since the last pop, and forget them."""
+        outputs, self.outputs = self.outputs, {}
+        return outputs
+
+    def __enter__(self) -> ActivationCapture:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.outputs.clear()
+
+
+def per_neuron_mean_abs(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, ...) -> (B, C): mean |value| over each neuron's map (a scalar neuron is its own mean)."""
+    return t.abs().flatten(2).mean(dim=2) if t.dim() > 2 else t.abs()
+
+
+@dataclass
+class SensitivityMap:
+    """Per-layer neuron sensitivities (float64 CPU tensors), in the order the layers were given."""
+
+    absolute: dict[str, torch.Tensor]
+    relative: dict[str, torch.Tensor]
+    benign_activation: dict[str, torch.Tensor]
+    num_pairs: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.absolute)
+
+    def values(self, relative: bool = False) -> dict[str, torch.Tensor]:
+        return self.relative if relative else self.absolute
+
+    def top(self, fraction: float, relative: bool = False) -> dict[str, torch.Tensor]:
+        """Per layer, indices of the top `fraction` most sensitive neurons (at least one), most first."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        selected = {}
+        for layer, sigma in self.values(relative).items():
+            k = max(1, math.ceil(fraction * sigma.numel()))
+            selected[layer] = torch.argsort(sigma, descending=True, stable=True)[:k]
+        return selected
+
+    def alive(self, threshold: float = 0.0) -> dict[str, torch.Tensor]:
+        """Per layer, a bool mask of neurons whose mean benign |activation| exceeds `threshold`."""
+        return {layer: act > threshold for layer, act in self.benign_activation.items()}
+
+    def layer_means(self, relative: bool = False) -> dict[str, float]:
+        return {layer: float(s.mean()) for layer, s in self.values(relative).items()}
+
+    def mean(self, relative: bool = False, selected: Mapping[str, torch.Tensor] | None = None) -> float:
+        """Mean sensitivity over all neurons of all layers, or over the `selected` neurons only."""
+        values = self.values(relative)
+        if selected is None:
+            parts = list(values.values())
+        else:
+            parts = [values[layer][index.cpu()] for layer, index in selected.items()]
+        return float(torch.cat(parts).mean()) if parts else float("nan")
+
+    def to_arrow(self, selected: Mapping[str, torch.Tensor] | None = None) -> pa.Table:
+        """One row per neuron (schema SENSITIVITY_SCHEMA); `selected` marks the chosen neurons."""
+        columns: dict[str, list] = {name: [] for name in SENSITIVITY_SCHEMA.names}
+        for layer_index, (layer, sigma) in enumerate(self.absolute.items()):
+            n = sigma.numel()
+            rank = torch.empty(n, dtype=torch.long)
+            rank[torch.argsort(sigma, descending=True, stable=True)] = torch.arange(n)
+            chosen = torch.zeros(n, dtype=torch.bool)
+            if selected is not None and layer in selected:
+                chosen[selected[layer].cpu()] = True
+            columns["layer"] += [layer] * n
+            columns["layer_index"] += [layer_index] * n
+            columns["neuron"] += list(range(n))
+            columns["sensitivity"] += sigma.tolist()
+            columns["relative_sensitivity"] += self.relative[layer].tolist()
+            columns["benign_activation"] += self.benign_activation[layer].tolist()
+            columns["rank"] += rank.tolist()
+            columns["selected"] += chosen.tolist()
+        metadata = {**self.metadata, "num_pairs": str(self.num_pairs)}
+        schema = SENSITIVITY_SCHEMA.with_metadata({k: str(v) for k, v in metadata.items()})
+        return pa.Table.from_pydict(columns, schema=schema)
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> SensitivityMap:
+        """Rebuild a map from `to_arrow`'s table (e.g. a Parquet artifact)."""
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        rows = table.sort_by([("layer_index", "ascending"), ("neuron", "ascending")]).to_pydict()
+        absolute: dict[str, list[float]] = {}
+        relative: dict[str, list[float]] = {}
+        benign: dict[str, list[float]] = {}
+        for i, layer in enumerate(rows["layer"]):
+            absolute.setdefault(layer, []).append(rows["sensitivity"][i])
+            relative.setdefault(layer, []).append(rows["relative_sensitivity"][i])
+            benign.setdefault(layer, []).append(rows["benign_activation"][i])
+        as_tensors = lambda d: {k: torch.tensor(v, dtype=torch.float64) for k, v in d.items()}  # noqa: E731
+        num_pairs = int(meta.pop("num_pairs", "0"))
+        return cls(as_tensors(absolute), as_tensors(relative), as_tensors(benign), num_pairs, meta)
+
+    def summary(self, k: int = 5) -> str:
+        """A short text table: per layer, mean sensitivity and the k most sensitive neurons."""
+        lines = [f"{'layer':<16}{'neurons':>8}{'mean sigma':>12}{'mean rel':>10}  top-{k} neurons (sigma)"]
+        for layer, sigma in self.absolute.items():
+            order = torch.argsort(sigma, descending=True, stable=True)[:k].tolist()
+            top = ", ".join(f"{i} ({sigma[i]:.3f})" for i in order)
+            lines.append(f"{layer:<16}{sigma.numel():>8}{sigma.mean():>12.4f}"
+                         f"{self.relative[layer].mean():>10.3f}  {top}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    model: nn.Module,
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    layers: Iterable[str],
+    metadata: Mapping[str, object] | None = None,
+) -> SensitivityMap:
+    """Stream `(x, x_adv)` batches through `model` and return each neuron's sensitivity.
+
+    The model runs in eval mode (restored afterwards); x and x_adv must be on the model's device.
+    """
+    layer_names = list(layers)
+    sums: dict[str, list[torch.Tensor]] = {}
+    num_pairs = 0
+    with eval_mode(model), ActivationCapture(model, layer_names) as capture:
+        for x, x_adv in pairs:
+            if x.shape != x_adv.shape:
+                raise ValueError(f"x and x_adv differ in shape: {tuple(x.shape)} vs {tuple(x_adv.shape)}")
+            b = x.shape[0]
+            model(torch.cat([x, x_adv]))
+            for name, out in capture.pop().items():
+                benign, adv = out[:b].double(), out[b:].double()            # (B, C, ...)
+                diff = per_neuron_mean_abs(benign - adv)                     # (B, C)
+                magnitude = per_neuron_mean_abs(benign)                      # (B, C)
+                batch_sums = torch.stack(
+                    [diff.sum(0), (diff / magnitude.clamp_min(RELATIVE_GUARD)).sum(0), magnitude.sum(0)]
+                )                                                            # (3, C)
+                if name in sums:
+                    sums[name] += batch_sums
+                else:
+                    sums[name] = batch_sums
+            num_pairs += b
+    if num_pairs == 0:
+        raise ValueError("measure_sensitivity got no pairs; pass at least one (x, x_adv) batch")
+    means = {name: (s / num_pairs).cpu() for name, s in sums.items()}
+    return SensitivityMap(
+        absolute={n: m[0] for n, m in means.items()},
+        relative={n: m[1] for n, m in means.items()},
+        benign_activation={n: m[2] for n, m in means.items()},
+        num_pairs=num_pairs,
+        metadata={k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()},
+    )
+
+
+def adversarial_pairs(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    attack,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield `(x, attack(model, x, y))` for each `(x, y)` batch, moved to `device`."""
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield x, attack(model, x, y)
+
