@@ -3,10 +3,13 @@
     sigma_l^m = (1/N) sum_i (1/dim F_l^m(x_i)) * || F_l^m(x_i) - F_l^m(x'_i) ||_1
 
 A neuron is one channel of a conv output (an H x W map) or one unit of a linear output (a scalar).
-The relative variant divides each term by the neuron's benign mean |activation| (zero-guarded).
+The relative variant divides by the neuron's benign mean |activation|: sigma_rel = sigma / mean_i
+(1/dim)||F(x_i)||_1. Dividing each term instead (per example) explodes on ReLU neurons that are
+silent on one benign input and fire on its twin, so we divide the means; a neuron silent on every
+benign input is divided by a floor of 1e-3 x its layer's mean activation instead of by zero.
 
-`measure_sensitivity` streams over (x, x_adv) batches and keeps three float64 accumulators per neuron
-(absolute, relative, benign magnitude): memory is O(neurons), never O(N). Each batch costs one
+`measure_sensitivity` streams over (x, x_adv) batches and keeps two float64 accumulators per neuron
+(|change|, benign magnitude): memory is O(neurons), never O(N). Each batch costs one
 forward pass of the concatenated [x; x_adv] in eval mode (BN uses running statistics, so the
 concatenation changes nothing), with activations read by scoped forward hooks.
 """
@@ -36,7 +39,7 @@ SENSITIVITY_SCHEMA = pa.schema(
         ("selected", pa.bool_()),
     ]
 )
-RELATIVE_GUARD = 1e-8
+RELATIVE_FLOOR = 1e-3  # x the layer's mean benign activation, for neurons silent on all inputs
 
 
 def resolve_layers(model: nn.Module, layers: Iterable[str]) -> dict[str, nn.Module]:
@@ -196,6 +199,12 @@ class SensitivityMap:
         return "\n".join(lines)
 
 
+def relative_sensitivity(sigma: torch.Tensor, benign: torch.Tensor) -> torch.Tensor:
+    """sigma / benign mean |activation|, floored per layer (see the module docstring)."""
+    floor = max(RELATIVE_FLOOR * float(benign.mean()), 1e-12)
+    return sigma / benign.clamp_min(floor)
+
+
 @torch.no_grad()
 def measure_sensitivity(
     model: nn.Module,
@@ -220,9 +229,7 @@ def measure_sensitivity(
                 benign, adv = out[:b].double(), out[b:].double()            # (B, C, ...)
                 diff = per_neuron_mean_abs(benign - adv)                     # (B, C)
                 magnitude = per_neuron_mean_abs(benign)                      # (B, C)
-                batch_sums = torch.stack(
-                    [diff.sum(0), (diff / magnitude.clamp_min(RELATIVE_GUARD)).sum(0), magnitude.sum(0)]
-                )                                                            # (3, C)
+                batch_sums = torch.stack([diff.sum(0), magnitude.sum(0)])    # (2, C)
                 if name in sums:
                     sums[name] += batch_sums
                 else:
@@ -233,8 +240,8 @@ def measure_sensitivity(
     means = {name: (s / num_pairs).cpu() for name, s in sums.items()}
     return SensitivityMap(
         absolute={n: m[0] for n, m in means.items()},
-        relative={n: m[1] for n, m in means.items()},
-        benign_activation={n: m[2] for n, m in means.items()},
+        relative={n: relative_sensitivity(m[0], m[1]) for n, m in means.items()},
+        benign_activation={n: m[1] for n, m in means.items()},
         num_pairs=num_pairs,
         metadata={k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()},
     )
