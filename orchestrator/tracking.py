@@ -1,0 +1,181 @@
+"""MLflow behind one module: parent runs for studies and reports, nested child runs, Parquet/PNG artifacts.
+
+Everything goes through `MlflowClient` with explicit run ids, so a Ray trial in another process
+(and another working directory) logs to the right run given only the tracking URI and the run id.
+Nothing else in nslab imports mlflow: the next MLflow API change is an edit here.
+
+    tracker = Tracker("sqlite:////abs/path/mlflow.db", "nslab")
+    parent = tracker.start_run("study-quick", params={...}, tags={...})
+    child = tracker.start_run("trial-0001", parent_run_id=parent)
+    tracker.log_metrics(child, {"robust_acc": 0.41}, step=3)
+    tracker.log_table(child, table, "eval/robust_accuracy.parquet")
+    tracker.end_run(child)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LENGTH = 6000
+
+
+def default_tracking_uri(directory: str | Path | None = None) -> str:
+    """`sqlite:///<absolute dir>/mlflow.db` (MLflow 3's default store; Ray trials need absolute paths)."""
+    return f"sqlite:///{Path(directory or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def git_commit(directory: str | Path | None = None) -> str:
+    """The checkout's HEAD commit, or "unknown" outside git (e.g. a Ray job's working_dir copy)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory or Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("NSLAB_GIT_COMMIT", "unknown")
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short stable hash of a JSON-able config, to find runs of the same config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"sns": {"lam": 0.1}} -> {"sns.lam": 0.1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Tracker:
+    """A tracking URI + experiment name; every call names its run explicitly."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        from mlflow import MlflowClient  # imported here: mlflow import takes seconds
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self._create_experiment(experiment)
+        self.experiment = experiment
+
+    def _create_experiment(self, name: str) -> str:
+        location = None
+        if self.tracking_uri.startswith("sqlite:///"):  # artifacts beside the database, not in the cwd
+            location = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # another process created it between our lookup and create
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def start_run(self, name: str, parent_run_id: str | None = None, params: Mapping[str, Any] | None = None,
+                  tags: Mapping[str, str] | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def reopen(self, run_id: str) -> str:
+        """Mark a run RUNNING again (a retried or resumed trial continues its own run)."""
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        fresh = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items() if k not in existing]
+        for start in range(0, len(fresh), 100):
+            self.client.log_batch(run_id, params=fresh[start:start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if isinstance(v, int | float) and v == v]  # NaN would poison MLflow's charts
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_file(self, run_id: str, path: str | Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_dir)
+
+    def log_table(self, run_id: str, table: pa.Table, artifact_path: str) -> None:
+        """Write `table` as Parquet and log it at `artifact_path` (e.g. "eval/robust_accuracy.parquet")."""
+        directory, name = os.path.split(artifact_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / name
+            pq.write_table(table, local)
+            self.client.log_artifact(run_id, str(local), directory or None)
+
+    def log_figure(self, run_id: str, figure, artifact_path: str) -> None:
+        """Save a matplotlib figure as PNG and log it at `artifact_path`."""
+        directory, name = os.path.split(artifact_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / name
+            figure.savefig(local, dpi=120, bbox_inches="tight")
+            self.client.log_artifact(run_id, str(local), directory or None)
+
+    def log_dict(self, run_id: str, data: Mapping[str, Any], artifact_path: str) -> None:
+        self.client.log_dict(run_id, dict(data), artifact_path)
+
+    def download(self, run_id: str, artifact_path: str, destination: str | Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, artifact_path, str(destination)))
+
+    def read_table(self, run_id: str, artifact_path: str) -> pa.Table:
+        with tempfile.TemporaryDirectory() as tmp:
+            return pq.read_table(self.download(run_id, artifact_path, tmp))
+
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
+        return [f.path for f in self.client.list_artifacts(run_id, path)]
+
+    def children(self, parent_run_id: str) -> list:
+        """Child runs of a parent, oldest first (mlflow Run objects)."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                       max_results=10000, order_by=["attributes.start_time ASC"])
+        return list(runs)
+
+    def find_runs(self, filter_string: str) -> list:
+        return list(self.client.search_runs([self.experiment_id], filter_string, max_results=10000,
+                                            order_by=["attributes.start_time DESC"]))
+
+    def get_run(self, run_id: str):
+        return self.client.get_run(run_id)
+
+    def ui_command(self) -> str:
+        """The one command that opens the MLflow UI on this store."""
+        if self.tracking_uri.startswith("http"):
+            return f"open {self.tracking_uri}"
+        return f"mlflow ui --backend-store-uri {self.tracking_uri} --port 5000"
