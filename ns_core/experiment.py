@@ -77,9 +77,9 @@ def build_trainer(spec: ExperimentSpec, callbacks: Sequence[EpochCallback] = (),
 
 
 def run_experiment(spec: ExperimentSpec, callbacks: Sequence[EpochCallback] = (),
-                   checkpoint: str | Path | None = None) -> ExperimentResult:
+                   checkpoint: str | Path | None = None, data: DatasetSplits | None = None) -> ExperimentResult:
     """Train (resuming from `checkpoint` when the file exists) and evaluate on the test split."""
-    data = load_data(spec)
+    data = data or load_data(spec)
     trainer = build_trainer(spec, callbacks, data)
     if checkpoint is not None and Path(checkpoint).exists():
         trainer.load_checkpoint(checkpoint)

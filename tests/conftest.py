@@ -6,7 +6,7 @@ import torch
 from ns_core.experiment import ExperimentSpec
 from ns_core.training import TrainConfig
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # deterministic speed on a shared 2-core box; Ray trials set their own
 
 
 def tiny_spec(method: str = "pgd_at", epochs: int = 1, train_limit: int = 256, **method_params) -> ExperimentSpec:
