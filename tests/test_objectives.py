@@ -111,12 +111,12 @@ def test_sns_warmup_uses_base_loss_then_adds_the_regularizer(lenet_batch):
     x_adv = sns.craft(model, x, y, torch.Generator().manual_seed(0))
     loss, parts = sns.loss(model, x, y, x_adv)
     assert "sns_reg" not in parts
-    assert float(loss) == pytest.approx(float(F.cross_entropy(model(x_adv), y).detach()), rel=1e-5)
+    assert loss.item() == pytest.approx(float(F.cross_entropy(model(x_adv), y).detach()), rel=1e-5)
     info = sns.on_epoch_start(model, 1, (x, y), torch.Generator().manual_seed(0))
     assert sns.active and set(sns.selected) == set(model.default_layers)
     assert info["probe_sensitivity_selected"] >= info["probe_sensitivity_all"]
     loss, parts = sns.loss(model, x, y, x_adv)
-    assert float(loss) == pytest.approx(float(parts["ce_adv"] + 0.5 * parts["sns_reg"]), rel=1e-5)
+    assert loss.item() == pytest.approx(float(parts["ce_adv"] + 0.5 * parts["sns_reg"]), rel=1e-5)
     assert float(parts["sns_reg"]) > 0
 
 
@@ -148,7 +148,7 @@ def test_trades_adversary_stays_in_the_ball_and_restores_mode(lenet_batch):
     assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert all(p.grad is None for p in model.parameters())
     loss, parts = trades.loss(model, x, y, x_adv)
-    assert float(loss) == pytest.approx(float(parts["ce_clean"] + 6.0 * parts["kl_adv"]), rel=1e-5)
+    assert loss.item() == pytest.approx(float(parts["ce_clean"] + 6.0 * parts["kl_adv"]), rel=1e-5)
     assert float(parts["kl_adv"]) > 0
 
 
