@@ -227,6 +227,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
                 "epoch": self.epoch, "history": self.history, "metadata": self.metadata,
+                "generator": self.generator.get_state() if self.generator is not None else None,
                 "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -236,6 +237,8 @@ class Trainer:
         self.objective.load_state_dict(state["objective"])
         if isinstance(self.objective, SNS):
             self.objective.selected = {k: v.to(self.device) for k, v in self.objective.selected.items()}
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"].cpu())
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
 
