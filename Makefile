@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m pipelines.demo
+	$(PY) -m pipelines.study --config configs/study/quick.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,0 +1,165 @@
+"""orchestrator.config: every shipped config loads; paths, overrides and search spaces are checked;
+a bad config is one line on stderr and exit code 2 from the real CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ns_core.objectives import OBJECTIVES, create_objective
+from orchestrator.config import (
+    ConfigError,
+    ExperimentConfig,
+    ParamSpec,
+    apply_overrides,
+    canonical_path,
+    load_experiment,
+    load_study,
+    smoke_experiment,
+    smoke_study,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted((REPO / "configs" / "experiment").glob("*.yaml"))
+STUDIES = sorted((REPO / "configs" / "study").glob("*.yaml"))
+TINY = REPO / "configs" / "study" / "tiny.yaml"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_configs_load_and_build_their_objective(path):
+    experiment = load_experiment(path)
+    spec = experiment.to_spec()
+    assert spec.dataset == experiment.dataset and spec.train.epochs == experiment.train.epochs
+    create_objective(spec.method, **spec.method_params)  # the mapping fits the registry's signature
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_study_configs_load_with_absolute_locations(path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    study = load_study(path)
+    assert study.search_space and all("." in p for p in study.search_space)
+    if study.tracking.uri.startswith("sqlite:///"):
+        assert Path(study.tracking.uri.removeprefix("sqlite:///")).is_absolute()
+    assert "://" in study.storage.ray or Path(study.storage.ray).is_absolute()
+
+
+@pytest.mark.parametrize("method", OBJECTIVES.names())
+def test_every_registered_method_maps_to_objective_parameters(method):
+    spec = ExperimentConfig(method=method).to_spec()
+    objective = create_objective(spec.method, **spec.method_params)
+    assert objective.name == method
+
+
+def test_lambda_alias_and_canonical_paths():
+    assert canonical_path("sns.lambda") == "sns.lam"
+    assert ExperimentConfig.model_validate({"sns": {"lambda": 0.5}}).sns.lam == 0.5
+    with pytest.raises(ValueError, match="sns has: lam"):
+        canonical_path("sns.lamda")
+    with pytest.raises(ValueError, match="is a block"):
+        canonical_path("train")
+    with pytest.raises(ValueError, match="has no sub-fields"):
+        canonical_path("dataset.name")
+
+
+def test_overrides_are_validated_again():
+    base = ExperimentConfig()
+    assert apply_overrides(base, {"sns.lambda": 0.3, "train.epochs": 2}).sns.lam == 0.3
+    with pytest.raises(ValueError):
+        apply_overrides(base, {"sns.fraction": 1.5})
+
+
+def test_categorical_list_choices_round_trip_through_optuna_values():
+    spec = ParamSpec(type="categorical", choices=[["relu3", "relu4"], ["relu4"]])
+    encoded = spec.optuna_choices()
+    assert all(isinstance(c, str) for c in encoded)
+    assert [spec.decode(c) for c in encoded] == spec.choices
+    assert ParamSpec(type="int", low=1, high=4).decode(3.0) == 3
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"type": "float", "low": 1.0, "high": 0.5}, "low must be < high"),
+    ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "log scale needs low > 0"),
+    ({"type": "categorical", "choices": []}, "non-empty"),
+    ({"type": "int", "low": 0.5, "high": 3}, "integer bounds"),
+])
+def test_bad_parameter_specs(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ParamSpec(**bad)
+
+
+def _write(tmp_path, name, data) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_search_space_values_are_checked_against_the_experiment(tmp_path):
+    path = _write(tmp_path, "s.yaml", {"base": str(TINY), "search_space": {
+        "sns.fraction": {"type": "float", "low": 0.1, "high": 1.5}}})
+    with pytest.raises(ConfigError, match=r"search_space\.sns\.fraction: value 1\.5 is not valid"):
+        load_study(path)
+
+
+def test_points_to_evaluate_need_every_searched_path(tmp_path):
+    path = _write(tmp_path, "p.yaml", {"base": str(TINY), "study": {"points_to_evaluate": [{"sns.lam": 0.1}]}})
+    with pytest.raises(ConfigError, match="give a value for each searched path"):
+        load_study(path)
+
+
+def test_smoke_budgets_are_tiny():
+    study = smoke_study(load_study(REPO / "configs" / "study" / "quick.yaml"))
+    assert study.study.trials == 2 and study.study.scheduler == "none"
+    assert study.experiment.data.train_limit <= 256 and study.experiment.train.epochs <= 2
+    experiment = smoke_experiment(load_experiment(REPO / "configs" / "experiment" / "cifar10.yaml"))
+    assert experiment.eval.examples == 64 and all(a.steps <= 3 for a in experiment.eval.attacks)
+
+
+BAD_CONFIGS = {
+    "unknown_field": ({"study": {"trails": 3}}, "config error: study.trails: unknown key 'trails'; valid keys: name"),
+    "wrong_type": ({"experiment": {"train": {"epochs": "two"}}}, "config error: experiment.train.epochs: must be"),
+    "negative_trials": ({"study": {"trials": -3}}, "config error: study.trials: must be >= 1 (got -3)"),
+    "unknown_dataset": ({"experiment": {"dataset": "cifar"}}, "unknown dataset 'cifar'; choose one of: cifar10,"),
+    "unknown_model": ({"experiment": {"model": "lenet"}}, "unknown model 'lenet'; choose one of: lenet5,"),
+    "unknown_method": ({"experiment": {"method": "snss"}}, "unknown method 'snss'; choose one of: pgd_at,"),
+    "unknown_path": ({"search_space": {"sns.lamda": {"type": "float", "low": 0.1, "high": 1}}},
+                     "config error: search_space.sns.lamda: 'sns.lamda' is not an experiment field"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_study_config_is_one_line_and_exit_2(case, tmp_path, capsys):
+    from pipelines import study
+
+    override, expected = BAD_CONFIGS[case]
+    path = _write(tmp_path, f"{case}.yaml", {"base": str(TINY), **override})
+    assert study.main(["--config", str(path), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error:") and expected in lines[0], captured.err
+    assert not captured.out
+
+
+@pytest.mark.parametrize("module, config, start", [
+    ("pipelines.study", {"base": str(TINY), "study": {"trials": -3}},
+     "config error: study.trials: must be >= 1 (got -3)"),
+    ("pipelines.train", {"base": str(REPO / "configs/experiment/quick.yaml"), "model": "lenet"},
+     "config error: model: unknown model 'lenet'; choose one of: lenet5,"),
+    ("pipelines.train", None, "error: config file"),
+])
+def test_cli_subprocess_prints_one_line_and_exits_2(module, config, start, tmp_path):
+    path = _write(tmp_path, "bad.yaml", config) if config else tmp_path / "missing.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-m", module, "--config", str(path), "--dry-run"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), result.stderr
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("study:\n  trials: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"YAML syntax error at line \d+"):
+        load_study(path)
