@@ -1,0 +1,251 @@
+"""The paper's interpretation experiments, one command per claim, each an MLflow report with plots.
+
+    python -m pipelines.analyze methods --config configs/analysis/methods_quick.yaml       # claim 3
+    python -m pipelines.analyze compare --checkpoints A.pt B.pt C.pt [--shared-source S.pt]  # claim 1
+    python -m pipelines.analyze stabilize --checkpoint A.pt [B.pt] [--layer relu3] [--draws 5]  # claim 2
+    python -m pipelines.analyze study --name quick-20260101-120000 --study-experiment nslab-quick
+
+`methods` trains standard / PGD-AT / TRADES / SNS over several seeds as parallel Ray tasks and prints
+the commands that run `compare` and `stabilize` on its checkpoints. Each report is an MLflow parent
+run (experiment "nslab-analysis") with one child per model or per seed holding its Parquet tables and
+PNG plots; `--out DIR` writes the same files to DIR (`--tracking-uri none` skips MLflow). Every
+subcommand has --dry-run (check the inputs, print the plan) and --smoke-test (a seconds-long budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from orchestrator.analysis import CompareOptions, StabilizeOptions, compare_report, load_checkpoints, stabilize_report
+from orchestrator.analysis_config import load_methods_config
+from orchestrator.analysis_report import ReportWriter
+from orchestrator.config import absolute_uri
+from orchestrator.tracking import Tracker, default_tracking_uri
+from pipelines._common import Timer, add_common_flags, run_cli, setup_logging
+
+log = logging.getLogger("pipelines.analyze")
+DEFAULT_EXPERIMENT = "nslab-analysis"
+SMOKE_FRACTIONS = [0.1, 0.5, 1.0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.analyze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{methods,compare,stabilize,study}")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_common_flags(p)
+        p.add_argument("--out", metavar="DIR", help="also write the report's Parquet and PNG files under DIR")
+        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                       help=f"MLflow experiment of the report (default {DEFAULT_EXPERIMENT})")
+        return p
+
+    p = command("methods", "Claim 3: standard, PGD-AT, TRADES and SNS over several seeds, same budget and attacks.")
+    p.add_argument("--config", default="configs/analysis/methods_quick.yaml", help="methods YAML")
+    p.add_argument("--checkpoint-dir", help="where checkpoints go (default: the config's checkpoint_dir)")
+    p.add_argument("--address", help="Ray cluster to use (default: the config's ray.address, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: the config's, else all)")
+    p.add_argument("--device", help="override train.device of every training (auto | cpu | cuda)")
+
+    for name, text in (("compare", "Claim 1: neuron sensitivity per layer of several models on the same inputs."),
+                       ("stabilize", "Claim 2: patch the top-k sensitive vs k random neurons with benign values.")):
+        p = command(name, text)
+        flag = "--checkpoints" if name == "compare" else "--checkpoint"
+        p.add_argument(flag, dest="checkpoints", nargs="+", metavar="PT",
+                       help="nslab checkpoints (.pt) of one dataset (--smoke-test trains two tiny ones if omitted)")
+        p.add_argument("--labels", nargs="+", help="one name per checkpoint (default: the training method)")
+        p.add_argument("--eps", type=float, help="PGD Linf eps (default: each checkpoint's training eps)")
+        p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
+        p.add_argument("--examples", type=int, default=1000, help="test images (default 1000)")
+        p.add_argument("--data-root", help="dataset directory (default: the checkpoint's, $NSLAB_DATA, ...)")
+        p.add_argument("--device", default="auto", help="auto (CUDA when visible) | cpu | cuda")
+        p.add_argument("--seed", type=int, default=0, help="seed of the attacks and random draws (default 0)")
+    compare, stabilize = sub.choices["compare"], sub.choices["stabilize"]
+    compare.add_argument("--shared-source", metavar="PT", help="also attack every model with this model's PGD")
+    compare.add_argument("--layers", nargs="+", help="layer names (default: the model's default_layers)")
+    compare.add_argument("--reference", help="label the verdict compares against (default: the first)")
+    stabilize.add_argument("--layer", dest="layers", action="append",
+                           help="layer to patch; repeat for several (default: every default layer)")
+    stabilize.add_argument("--fractions", nargs="+", type=float, help="fractions of the layer's neurons "
+                           "(default 0.05 0.1 0.2 0.3 0.5 0.75 1.0)")
+    stabilize.add_argument("--draws", type=int, default=5, help="random draws per fraction (default 5)")
+    stabilize.add_argument("--probe", type=int, default=1000, help="training images that rank the neurons")
+
+    p = command("study", "A finished study: robust accuracy vs sensitivity, best/worst maps, Pareto front.")
+    p.add_argument("--name", help="study name (MLflow parent run / tag nslab.study); a prefix such as 'quick' "
+                                  "picks the newest matching study (default: the --config's study.name)")
+    p.add_argument("--config", help="the study's YAML: its study.name and tracking.experiment are the defaults")
+    p.add_argument("--study-experiment", help="MLflow experiment holding the study (default: the --config's "
+                                              "tracking.experiment, else 'nslab')")
+    return parser
+
+
+def tracking_uri(arg: str | None) -> str | None:
+    if arg and arg.lower() == "none":
+        return None
+    uri = arg or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    return absolute_uri(uri, Path.cwd())
+
+
+def make_writer(args) -> ReportWriter:
+    uri = tracking_uri(args.tracking_uri)
+    return ReportWriter(Tracker(uri, args.experiment) if uri else None, args.out)
+
+
+def smoke_checkpoints(directory: Path) -> list[str]:
+    """Two seconds-trained LeNet-5 checkpoints (standard, PGD-AT) for --smoke-test without --checkpoints."""
+    from ns_core.experiment import ExperimentSpec, build_trainer, load_data
+    from ns_core.training import TrainConfig
+
+    paths = []
+    for method, params in (("standard", {}), ("pgd_at", {"eps": 0.2, "steps": 2})):
+        path = directory / f"smoke-{method}.pt"
+        if not path.exists():
+            spec = ExperimentSpec(dataset="mnist5k", model="lenet5", method=method, method_params=params,
+                                  train=TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=3e-3,
+                                                    weight_decay=0.0, val_size=64, val_eps=0.2, val_steps=2,
+                                                    progress=False), train_limit=1024)
+            data = load_data(spec)
+            trainer = build_trainer(spec, data=data)
+            trainer.fit()
+            trainer.save_checkpoint(path)
+        paths.append(str(path))
+    return paths
+
+
+def run_methods_command(args) -> int:
+    from orchestrator.analysis_methods import format_table, run_methods
+
+    config = load_methods_config(args.config)
+    if args.address:
+        config.ray.address = args.address
+    if args.num_cpus:
+        config.ray.num_cpus = args.num_cpus
+    if args.device:
+        config.train["device"] = args.device
+    if args.smoke_test:
+        config = config.smoke()
+    checkpoint_dir = Path(args.checkpoint_dir or (Path(args.out) / "checkpoints" if args.smoke_test and args.out
+                                                  else config.checkpoint_dir)).resolve()
+    jobs = len(config.methods) * len(config.seeds)
+    plan = (f"{jobs} trainings ({', '.join(m.label for m in config.methods)} x seeds {config.seeds}) on "
+            f"{config.dataset}/{config.model}, {config.train.get('epochs', 5)} epochs; checkpoints under "
+            f"{checkpoint_dir}; Ray {config.ray.address or 'local'}, {config.ray.cpus_per_task} CPU / "
+            f"{config.ray.gpus_per_task} GPU per task")
+    if args.dry_run:
+        print(f"# dry run: config {args.config} is valid\n{plan}")
+        return 0
+    print(plan, flush=True)
+    writer = make_writer(args)
+    result = run_methods(config, writer, checkpoint_dir)
+    print("\n" + format_table(result.summary.to_pylist(), result.paired_summary.to_pylist()))
+    failed = [r for r in result.per_seed.to_pylist() if r["status"] != "ok"]
+    for row in failed:
+        print(f"  {row['method']} seed {row['seed']} failed: {row['error']}")
+    resumed = sum(1 for r in result.per_seed.to_pylist() if r.get("resumed_at_epoch"))
+    note = f" ({resumed} resumed from their checkpoints)" if resumed else ""
+    print(f"\n{jobs} trainings{note} in {result.seconds:.0f} s; report: {writer.where()}")
+    seed = config.seeds[0]
+    ckpt = {label: str(path) for (label, s), path in result.checkpoints.items() if s == seed}
+    if ckpt:
+        print("next:\n  python -m pipelines.analyze compare --checkpoints " + " ".join(ckpt.values()))
+        chosen = [ckpt[k] for k in ("pgd_at", "standard") if k in ckpt] or list(ckpt.values())[:1]
+        print("  python -m pipelines.analyze stabilize --checkpoint " + " ".join(chosen))
+    return 0
+
+
+def run_model_command(args) -> int:
+    if args.smoke_test:
+        args.examples, args.steps = min(args.examples, 64), min(args.steps, 2)
+        if args.command == "stabilize":
+            args.probe, args.draws, args.fractions = min(args.probe, 64), min(args.draws, 2), SMOKE_FRACTIONS
+        if not args.checkpoints and args.dry_run:
+            print("# dry run: --smoke-test would train two tiny LeNet-5 checkpoints (standard, pgd_at) first")
+            return 0
+        if not args.checkpoints:
+            smoke_dir = Path(args.out or tempfile.mkdtemp(prefix="nslab-smoke-")) / "smoke_checkpoints"
+            smoke_dir.mkdir(parents=True, exist_ok=True)
+            args.checkpoints = smoke_checkpoints(smoke_dir)
+    if not args.checkpoints and not args.dry_run:
+        raise ValueError(f"{args.command} needs checkpoints: pass "
+                         f"{'--checkpoints' if args.command == 'compare' else '--checkpoint'} A.pt [B.pt ...]")
+    models = load_checkpoints(args.checkpoints or [], args.labels, args.device)
+    shared = None
+    if args.command == "compare" and args.shared_source:
+        shared = load_checkpoints([args.shared_source], ["shared-source"], args.device)[0]
+    if args.dry_run:
+        from orchestrator.analysis import check_layers, same_data
+
+        if models:
+            same_data(models + ([shared] if shared else []))
+            layers = check_layers(models[0].model, args.layers)
+            eps = args.eps if args.eps is not None else models[0].train_eps
+            print(f"# dry run: {len(models)} model(s) {[m.label for m in models]} on {models[0].metadata['dataset']}; "
+                  f"layers {layers}; PGD-{args.steps} eps {eps}; {args.examples} test images")
+        return 0
+    writer = make_writer(args)
+    timer = Timer()
+    if args.command == "compare":
+        options = CompareOptions(eps=args.eps, steps=args.steps, examples=args.examples, layers=args.layers,
+                                 seed=args.seed, data_root=args.data_root, reference=args.reference)
+        text = compare_report(models, options, writer, shared)
+    else:
+        options = StabilizeOptions(layers=args.layers, draws=args.draws, examples=args.examples, probe=args.probe,
+                                   eps=args.eps, steps=args.steps, seed=args.seed, data_root=args.data_root)
+        if args.fractions:
+            options.fractions = args.fractions
+        text = stabilize_report(models, options, writer)
+    print(text)
+    print(f"\n{args.command} took {timer.seconds:.0f} s; report: {writer.where()}")
+    return 0
+
+
+def run_study_command(args) -> int:
+    from orchestrator.analysis_study import study_report
+
+    name, experiment = args.name, args.study_experiment
+    if args.config:
+        from orchestrator.config import load_study
+
+        study = load_study(args.config)
+        name, experiment = name or study.study.name, experiment or study.tracking.experiment
+    if not name:
+        raise ValueError("study needs --name STUDY (or --config configs/study/X.yaml)")
+    experiment = experiment or "nslab"
+    uri = tracking_uri(args.tracking_uri)
+    if uri is None:
+        raise ValueError("study reads the study from MLflow: pass a real --tracking-uri, not 'none'")
+    if args.dry_run:
+        print(f"# dry run: would read study {name!r} from experiment {experiment!r} at {uri}")
+        return 0
+    writer = make_writer(args)
+    print(study_report(Tracker(uri, experiment), name, writer))
+    print(f"report: {writer.where()}")
+    return 0
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading artifacts back is quick
+    if getattr(args, "seed", 0) < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.command == "methods":
+        return run_methods_command(args)
+    if args.command == "study":
+        return run_study_command(args)
+    return run_model_command(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
