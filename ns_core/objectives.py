@@ -31,7 +31,7 @@ from ns_core.utils import eval_mode, frozen_parameters
 
 log = logging.getLogger(__name__)
 OBJECTIVES = Registry("method")
-DISTANCES = ("l1", "l2", "cosine")
+DISTANCES = ("l1", "l2", "cosine", "relative")
 
 
 class TrainingCollapsed(RuntimeError):
@@ -80,7 +80,11 @@ def neuron_distance(benign: torch.Tensor, adv: torch.Tensor, distance: str) -> t
 
     benign, adv: (B, k, ...) activations of k neurons. `l1`: per-dim mean |difference| (the
     sensitivity formula); `l2`: per-neuron root-mean-square difference; `cosine`: 1 - cos between
-    each example's benign and adversarial activation vectors of the k neurons.
+    each example's benign and adversarial activation vectors of the k neurons; `relative`: per neuron,
+    sum |difference| / sum |benign| over the batch (the relative sensitivity; the denominator is
+    floored at 0.1 x the layer's mean so that nearly silent neurons cannot dominate). `l1` can be lowered by
+    shrinking a layer's activations and growing the next layer's weights; `relative` and `cosine`
+    are invariant to that rescaling.
     """
     if distance == "cosine":
         return (1 - F.cosine_similarity(benign.flatten(1), adv.flatten(1), dim=1, eps=1e-8)).mean()
@@ -89,6 +93,10 @@ def neuron_distance(benign: torch.Tensor, adv: torch.Tensor, distance: str) -> t
         return diff.abs().mean()
     if distance == "l2":
         return (diff.pow(2).mean(dim=2) + 1e-12).sqrt().mean()
+    if distance == "relative":
+        magnitude = benign.flatten(2).abs().sum(dim=(0, 2)) if benign.dim() > 2 else benign.abs().sum(dim=0)
+        floor = 0.1 * magnitude.mean().detach() + 1e-6  # a neuron silent on the batch cannot dominate
+        return (diff.abs().sum(dim=(0, 2)) / magnitude.clamp_min(floor)).mean()
     raise ValueError(f"unknown distance {distance!r}; choose one of: {', '.join(DISTANCES)}")
 
 

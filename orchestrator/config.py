@@ -66,7 +66,7 @@ class SNSBlock(Strict):
     lam: float = Field(0.1, ge=0, alias="lambda")
     fraction: float = Field(0.1, gt=0, le=1)
     layers: list[str] | None = None  # None: the model's default layers
-    distance: Literal["l1", "l2", "cosine"] = "l1"
+    distance: Literal["l1", "l2", "cosine", "relative"] = "l1"
     warmup_epochs: int = Field(1, ge=0)
     reselect_every: int = Field(1, ge=1)
     base: Literal["pgd_at", "trades"] = "pgd_at"

@@ -43,8 +43,20 @@ def test_distances_on_known_values():
     assert float(neuron_distance(benign, adv, "l1")) == pytest.approx((0 + 2 + 3 + 4) / 4)
     assert float(neuron_distance(benign, adv, "l2")) == pytest.approx(((2**2 / 2) ** 0.5 + (25 / 2) ** 0.5) / 2)
     assert float(neuron_distance(benign, benign, "cosine")) == pytest.approx(0.0, abs=1e-6)
+    assert float(neuron_distance(benign, adv, "relative")) == pytest.approx((2 / 3 + 7 / (0.1 * 1.5)) / 2, rel=1e-4)
     scalar_b, scalar_a = torch.tensor([[1.0, -1.0]]), torch.tensor([[0.0, 1.0]])  # linear neurons (B, k)
     assert float(neuron_distance(scalar_b, scalar_a, "l1")) == pytest.approx(1.5)
+    assert float(neuron_distance(scalar_b, scalar_a, "relative")) == pytest.approx((1 / 1 + 2 / 1) / 2, rel=1e-4)
+
+
+@pytest.mark.parametrize("distance", ["relative", "cosine"])
+def test_scale_invariant_distances_ignore_a_rescaled_layer(distance):
+    g = torch.Generator().manual_seed(0)
+    benign, adv = torch.rand(4, 3, 5, 5, generator=g), torch.rand(4, 3, 5, 5, generator=g)
+    assert float(neuron_distance(0.1 * benign, 0.1 * adv, distance)) == pytest.approx(
+        float(neuron_distance(benign, adv, distance)), rel=1e-4)
+    assert float(neuron_distance(0.1 * benign, 0.1 * adv, "l1")) == pytest.approx(
+        0.1 * float(neuron_distance(benign, adv, "l1")), rel=1e-4)
 
 
 def test_sns_regularizer_gradient_reaches_selected_neurons_only(lenet_batch):
