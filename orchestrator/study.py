@@ -203,7 +203,10 @@ def run_study(study: StudyFile, name: str, resume: bool = False, keep_gpu: bool 
             trainable,
             param_space={"experiment": study.experiment.model_dump(), "nslab": settings},
             tune_config=tune.TuneConfig(search_alg=make_searcher(study, name), scheduler=make_scheduler(study),
-                                        num_samples=s.trials, trial_dirname_creator=trial_dirname),
+                                        num_samples=s.trials, trial_dirname_creator=trial_dirname,
+                                        # a warm worker keeps torch, MLflow and the data loaded across
+                                        # trials: per-trial overhead 6.7 s -> 1.4-2.5 s (bench/orchestration)
+                                        reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=study.storage.ray, verbose=0, callbacks=[callback],
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
