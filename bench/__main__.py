@@ -4,7 +4,7 @@
     python -m bench --quick              # a few minutes on 2 CPU cores
     python -m bench --only attack_throughput --device cpu --threads 1 --out /tmp/bench
 
-Benchmarks: attack_throughput, sns_step, sensitivity_measure, orchestration, scaling (see docs/performance.md).
+Benchmarks: attack_throughput, sns_step, sensitivity_measure, orchestration, scaling (see README.md, "Performance").
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the per-repetition ratios A_i / B_i measured side by side. On CUDA every timer r
     write_result(result(ctx, "attack_throughput", "...", [case]), out_dir)
 
 Every result JSON has the keys in RESULT_KEYS; each case has CASE_KEYS; each variant VARIANT_KEYS;
-each ratio RATIO_KEYS (see docs/performance.md for what they mean).
+each ratio RATIO_KEYS (see README.md, "Performance" for what they mean).
 """
 
 from __future__ import annotations

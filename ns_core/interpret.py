@@ -29,7 +29,13 @@ import torch
 from torch import nn
 
 from ns_core.attacks import pgd
-from ns_core.sensitivity import ActivationCapture, SensitivityMap, measure_sensitivity, resolve_layers
+from ns_core.sensitivity import (
+    ActivationCapture,
+    ForwardHooks,
+    SensitivityMap,
+    measure_sensitivity,
+    resolve_layers,
+)
 from ns_core.utils import eval_mode, make_generator
 
 SELECTIONS = ("sensitive", "random_all", "random_alive")
@@ -37,7 +43,7 @@ DEFAULT_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 VARIANTS = ("absolute", "relative")
 
 
-class ActivationPatch:
+class ActivationPatch(ForwardHooks):
     """Scoped forward hooks that replace the chosen neurons (dim 1) of named layers with given values.
 
     `neurons`: layer -> LongTensor of neuron indices; `values`: layer -> a tensor shaped like that
@@ -47,10 +53,9 @@ class ActivationPatch:
 
     def __init__(self, model: nn.Module, neurons: Mapping[str, torch.Tensor],
                  values: Mapping[str, torch.Tensor]) -> None:
-        self.modules = resolve_layers(model, neurons)
+        super().__init__(model, neurons)
         self.neurons = dict(neurons)
         self.values = dict(values)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -62,16 +67,6 @@ class ActivationPatch:
             return output.index_copy(1, index, source.to(output.dtype).index_select(1, index))
 
         return hook
-
-    def __enter__(self) -> ActivationPatch:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 def _chunks(n: int, batch_size: int) -> Iterable[slice]:

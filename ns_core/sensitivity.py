@@ -57,7 +57,31 @@ def resolve_layers(model: nn.Module, layers: Iterable[str]) -> dict[str, nn.Modu
     return resolved
 
 
-class ActivationCapture:
+class ForwardHooks:
+    """Forward hooks on named layers, registered on `with` entry and removed on exit (STYLE #6).
+
+    Subclasses define `_hook(name)`, which returns the hook for one layer.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str]) -> None:
+        self.modules = resolve_layers(model, layers)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str):
+        raise NotImplementedError
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class ActivationCapture(ForwardHooks):
     """Scoped forward hooks that keep the latest output of each named layer.
 
     With `channels` set (layer -> LongTensor of neuron indices), a hook keeps only those neurons
@@ -72,10 +96,9 @@ class ActivationCapture:
     def __init__(
         self, model: nn.Module, layers: Iterable[str], channels: Mapping[str, torch.Tensor] | None = None
     ) -> None:
-        self.modules = resolve_layers(model, layers)
+        super().__init__(model, layers)
         self.channels = dict(channels or {})
         self.outputs: dict[str, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -91,15 +114,8 @@ class ActivationCapture:
         outputs, self.outputs = self.outputs, {}
         return outputs
 
-    def __enter__(self) -> ActivationCapture:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().__exit__(*exc)
         self.outputs.clear()
 
 

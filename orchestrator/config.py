@@ -1,6 +1,6 @@
 """Typed configs: YAML -> pydantic models that forbid unknown keys -> ns_core's plain ExperimentSpec.
 
-Two kinds of files (see configs/ and docs/orchestrator_readme.md):
+Two kinds of files (see configs/ and docs/studies.md):
 
     experiment = load_experiment("configs/experiment/quick.yaml")   # one training run
     study = load_study("configs/study/quick.yaml")                  # study + experiment + search space + ...
