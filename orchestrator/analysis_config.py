@@ -18,11 +18,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ns_core.data import dataset_names
-from ns_core.evaluation import AttackSpec
 from ns_core.experiment import ExperimentSpec
 from ns_core.models import model_names
 from ns_core.objectives import create_objective
 from ns_core.training import TrainConfig
+from orchestrator.config import EvalAttack
 
 
 class Strict(BaseModel):
@@ -40,25 +40,8 @@ class MethodEntry(Strict):
         return self
 
 
-class AttackEntry(Strict):
-    name: str
-    eps: float
-    norm: str = "linf"
-    steps: int = 0
-    alpha: float | None = None
-    restarts: int = 1
-
-    def spec(self) -> AttackSpec:
-        return AttackSpec(**self.model_dump())
-
-    @model_validator(mode="after")
-    def _valid(self) -> AttackEntry:
-        self.spec()
-        return self
-
-
 class EvalSection(Strict):
-    attacks: list[AttackEntry] = Field(min_length=1)
+    attacks: list[EvalAttack] = Field(min_length=1)
     examples: int | None = None  # None: the whole test split
 
 
@@ -157,7 +140,7 @@ class MethodsConfig(Strict):
         return self.model_copy(update={
             "name": f"{self.name}-smoke", "seeds": self.seeds[:2], "train": train, "train_limit": 256,
             "test_limit": 128, "methods": [shrink(m) for m in self.methods],
-            "eval": EvalSection(attacks=[AttackEntry(name="pgd", eps=eps, steps=3)], examples=64),
+            "eval": EvalSection(attacks=[EvalAttack(name="pgd", eps=eps, steps=3)], examples=64),
             "sensitivity": self.sensitivity.model_copy(update={"examples": 64, "steps": 2}),
             "ray": self.ray.model_copy(update={"num_cpus": self.ray.num_cpus or 2}),
         })

@@ -115,8 +115,11 @@ class EvalAttack(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EvalAttack:
-        AttackSpec(**self.model_dump())  # ns_core's own checks (norms, steps, restarts per attack)
+        self.spec()  # ns_core's own checks (norms, steps, restarts per attack)
         return self
+
+    def spec(self) -> AttackSpec:
+        return AttackSpec(**self.model_dump())
 
 
 class EvalBlock(Strict):
@@ -176,7 +179,7 @@ class ExperimentConfig(Strict):
             dataset=self.dataset, model=self.model, method=self.method, method_params=self.method_params(),
             train=TrainConfig(**self.train.model_dump()), data_root=self.data.root, download=self.data.download,
             train_limit=self.data.train_limit, test_limit=self.data.test_limit,
-            eval_attacks=[AttackSpec(**a.model_dump()) for a in self.eval.attacks], eval_examples=self.eval.examples)
+            eval_attacks=[a.spec() for a in self.eval.attacks], eval_examples=self.eval.examples)
 
 
 class ParamSpec(Strict):
