@@ -34,21 +34,25 @@ POINTS = [(0.01, 0.1), (0.03, 0.2), (0.05, 0.1), (0.02, 0.3), (0.04, 0.15), (0.0
 def workload(ctx: Context) -> dict:
     """Experiment overrides giving trials of ~30 s (full), ~6 s (quick), ~2 s (tiny) on one CPU thread."""
     train_limit, epochs = ctx.pick((256, 1), (2000, 2), (None, 6))
+    steps = ctx.pick(2, 10, 10)
     return {"data.train_limit": train_limit, "train.epochs": epochs, "sns.warmup_epochs": min(1, epochs - 1),
-            "train.val_size": ctx.pick(64, 200, 200), "train.val_steps": ctx.pick(2, 10, 10),
-            "train.probe_size": 128, "data.test_limit": 500, "eval.examples": ctx.pick(64, 200, 200),
-            "attack.steps": ctx.pick(2, 10, 10), "train.device": "cpu" if not ctx.cuda else "auto"}
+            "data.val_size": ctx.pick(64, 200, 200), "train.val_attack": {"name": "pgd", "eps": 0.2, "steps": steps},
+            "train.probe_size": 128, "data.test_limit": 500, "attack.steps": steps,
+            "train.device": "cpu" if not ctx.cuda else "auto"}
 
 
 def make_study(ctx: Context, trials: int, concurrency: int, root: Path):
     """configs/study/quick.yaml with `workload`, K fixed points, and tracking/storage under `root`."""
-    from orchestrator.config import apply_overrides, load_study, resolve_locations
+    from orchestrator.config import apply_overrides
+    from orchestrator.study_config import load_study, resolve_locations
 
     study = load_study(STUDY_CONFIG)
     study.experiment = apply_overrides(study.experiment, workload(ctx))
     study.study.trials, study.study.concurrency, study.study.scheduler = trials, concurrency, "none"
     study.study.resources.cpu, study.study.resources.gpu = 1, (1 / concurrency if ctx.cuda else 0)
     study.study.points_to_evaluate = [{"sns.lam": lam, "sns.fraction": frac} for lam, frac in POINTS[:trials]]
+    study.search_space = {k: v for k, v in study.search_space.items() if k in ("sns.lam", "sns.fraction")}
+    study.baseline, study.confirm = None, None  # the trials alone: what Ray Tune and MLflow add to each
     study.tracking.uri = f"sqlite:///{root / 'mlflow.db'}"
     study.tracking.experiment = "nslab-bench"
     study.storage.ray = str(root / "ray_results")
@@ -57,19 +61,16 @@ def make_study(ctx: Context, trials: int, concurrency: int, root: Path):
 
 def run_study_once(study) -> dict:
     """Start a local Ray, run the study, shut Ray down; seconds of each part and each trial's row."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
-    import ray
-
-    from orchestrator.study import init_ray, run_study
+    from orchestrator.ray_runtime import ray_session
 
     start = time.perf_counter()
-    started = init_ray(None)
-    ray_up = time.perf_counter()
-    try:
+    with ray_session():
+        from orchestrator.study import run_study
+
+        ray_up = time.perf_counter()
+        inside = time.perf_counter()
         outcome = run_study(study, f"bench-{uuid.uuid4().hex[:8]}")
-    finally:
-        if started:
-            ray.shutdown()
+        outcome.seconds = time.perf_counter() - inside
     end = time.perf_counter()
     rows = [{"status": r["status"], "wall_seconds": r["wall_seconds"], "train_seconds": r["train_seconds"],
              "params": {k.removeprefix("param."): v for k, v in r.items() if k.startswith("param.")}}
@@ -80,17 +81,17 @@ def run_study_once(study) -> dict:
 
 def run_bare_once(study) -> list[dict]:
     """The same experiments as the study's trials, back to back in this process; seconds per training."""
-    from ns_core.experiment import run_experiment
     from ns_core.objectives import TrainingCollapsed
     from ns_core.training import TrainingDiverged
     from orchestrator.config import apply_overrides
+    from orchestrator.run import build_trainer
 
     out = []
     for point in study.study.points_to_evaluate:
         start = time.perf_counter()
         status = "TERMINATED"
         try:
-            run_experiment(apply_overrides(study.experiment, point).to_spec())
+            build_trainer(apply_overrides(study.experiment, point)).fit()
         except (TrainingCollapsed, TrainingDiverged) as err:  # a study records these as failed trials
             status = type(err).__name__
         out.append({"params": point, "seconds": time.perf_counter() - start, "status": status})
@@ -102,12 +103,12 @@ def warm_up(study) -> None:
     training in this process, so neither variant pays one-time costs the other does not."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import orchestrator.study  # noqa: F401  (Ray Tune, Optuna)
-    from ns_core.experiment import run_experiment
-    from orchestrator.config import apply_overrides, smoke_experiment
+    from orchestrator.experiment_config import smoke_experiment
+    from orchestrator.run import build_trainer
     from orchestrator.tracking import Tracker
 
     Tracker(study.tracking.uri, study.tracking.experiment)
-    run_experiment(apply_overrides(smoke_experiment(study.experiment), {"eval.attacks": []}).to_spec())
+    build_trainer(smoke_experiment(study.experiment)).fit()
 
 
 def in_trial_overhead(study_runs: list[dict], bare_runs: list[list[dict]]) -> list[float]:

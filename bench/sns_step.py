@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import Context, interleave, make_case, result
+from ns_core.attacks import Attack
 from ns_core.models import create_model
 from ns_core.objectives import Objective, create_objective
 
@@ -73,7 +74,7 @@ def run(ctx: Context) -> dict:
         probe = (torch.rand(2 * batch, *shape, device=ctx.device),
                  torch.randint(0, 10, (2 * batch,), device=ctx.device))
         generator = torch.Generator(device=ctx.device).manual_seed(0)
-        params = {"eps": EPS, "steps": STEPS}
+        params = {"attack": Attack("pgd", EPS, steps=STEPS)}
         sns = create_objective("sns", **params, lam=0.1, fraction=0.1, warmup_epochs=0)
         sns_model = copy.deepcopy(base)
         sns.on_epoch_start(sns_model, 0, probe, generator)  # select the sensitive neurons once

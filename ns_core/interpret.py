@@ -12,8 +12,8 @@ neurons against k random ones (drawn from all neurons and from the alive ones, s
         logits = model(x_adv)                                    # relu3's top_k neurons as on x
 
 Claim 1, adversarial training lowers neuron sensitivity: `compare_models` measures every model on
-the same benign inputs, each attacked by its own PGD (and, optionally, all by one shared source
-model's PGD, which fixes the input perturbation), and summarizes each layer's distribution in both
+the same benign inputs, each attacked by its own attack run (and, optionally, all by one shared source
+model's, which fixes the input perturbation), and summarizes each layer's distribution in both
 the absolute and the relative variant: a model that merely scales its activations down looks less
 sensitive in absolute terms only (DESIGN.md, "low sensitivity is not robustness").
 """
@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ns_core.attacks import pgd
+from ns_core.attacks import Attack
 from ns_core.sensitivity import (
     ActivationCapture,
     ForwardHooks,
@@ -73,15 +73,12 @@ def _chunks(n: int, batch_size: int) -> Iterable[slice]:
     return (slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size))
 
 
-def attack_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 10,
-                   alpha: float | None = None, norm: str = "linf", seed: int = 0,
+def attack_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, *, seed: int = 0,
                    batch_size: int = 256) -> torch.Tensor:
-    """PGD adversarial twins of (x, y) against `model`, computed in batches on the model's device."""
+    """Adversarial twins of (x, y) against `model` under `attack`, computed in batches on the model's device."""
     device = next(model.parameters()).device
     generator = make_generator(seed, device)
-    parts = [pgd(model, x[s].to(device), y[s].to(device), eps=eps, alpha=alpha, steps=steps, norm=norm,
-                 generator=generator) for s in _chunks(len(x), batch_size)]
-    return torch.cat(parts)
+    return torch.cat([attack(model, x[s].to(device), y[s].to(device), generator) for s in _chunks(len(x), batch_size)])
 
 
 def _random_subset(pool: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -176,8 +173,7 @@ class Comparison:
     layers: list[str]
     maps: dict[str, dict[str, SensitivityMap]]
     accuracy: dict[str, dict[str, float]]
-    eps: float
-    steps: int
+    attack: Attack
     num_examples: int
 
     def stats_table(self) -> pa.Table:
@@ -264,12 +260,12 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     return correct / len(x)
 
 
-def compare_models(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                   steps: int = 10, alpha: float | None = None, norm: str = "linf",
+def compare_models(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, attack: Attack, *,
                    layers: Sequence[str] | None = None, shared_source: nn.Module | None = None,
                    seed: int = 0, batch_size: int = 256) -> Comparison:
-    """Measure each model's neuron sensitivity on the same benign (x, y): against its own PGD twins
-    (source "own") and, when `shared_source` is given, against that model's PGD twins (source "shared").
+    """Measure each model's neuron sensitivity on the same benign (x, y): against its own adversarial twins
+    under `attack` (source "own") and, when `shared_source` is given, against that model's twins (source
+    "shared").
     Models must share an architecture; `layers` defaults to the first model's `default_layers`."""
     if not models:
         raise ValueError("compare_models needs at least one model")
@@ -278,15 +274,15 @@ def compare_models(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Te
     layers = list(layers or first.default_layers)
     for model in models.values():
         resolve_layers(model, layers)
-    attack = {"eps": eps, "steps": steps, "alpha": alpha, "norm": norm, "seed": seed, "batch_size": batch_size}
-    shared_adv = attack_batches(shared_source, x, y, **attack) if shared_source is not None else None
+    shared_adv = (attack_batches(shared_source, x, y, attack, seed=seed, batch_size=batch_size)
+                  if shared_source is not None else None)
     maps: dict[str, dict[str, SensitivityMap]] = {"own": {}}
     if shared_adv is not None:
         maps["shared"] = {}
     accuracy = {}
     for label, model in models.items():
         device = next(model.parameters()).device
-        own_adv = attack_batches(model, x, y, **attack)
+        own_adv = attack_batches(model, x, y, attack, seed=seed, batch_size=batch_size)
         sources = {"own": own_adv} if shared_adv is None else {"own": own_adv, "shared": shared_adv}
         accuracy[label] = {"clean": _accuracy(model, x, y, batch_size)}
         for source, x_adv in sources.items():
@@ -294,4 +290,4 @@ def compare_models(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Te
             maps[source][label] = measure_sensitivity(model, pairs, layers, metadata={"model_label": label,
                                                                                      "source": source})
             accuracy[label][f"adversarial_{source}"] = _accuracy(model, x_adv, y, batch_size)
-    return Comparison(list(models), layers, maps, accuracy, eps, steps, len(x))
+    return Comparison(list(models), layers, maps, accuracy, attack, len(x))

@@ -2,6 +2,10 @@
 
     model = create_model("lenet5", input_shape=(1, 28, 28), num_classes=10)
     model.default_layers  # ["relu1", "relu2", "relu3", "relu4"]: named_modules() paths for sensitivity hooks
+    model = create_model("mypkg.nets:build_net", input_shape=(1, 28, 28), num_classes=10)   # your own
+
+A model named by import path is a factory `build_net(input_shape, num_classes) -> nn.Module` whose module
+has a `default_layers` list (docs/studies.md, "Your own model or data").
 
 `default_layers` name modules whose forward output IS the activation studied (block outputs, hidden FC
 activations), never the logits. Every ReLU is its own non-inplace module: forward hooks read these outputs
@@ -17,7 +21,7 @@ from torch import nn
 
 from ns_core.registry import Registry
 
-MODELS = Registry("model")
+MODELS = Registry("model", import_paths=True)
 
 MNIST_MEAN_STD = ((0.1307,), (0.3081,))
 CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -49,7 +53,14 @@ def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int)
     """Build the named model for (C, H, W) inputs in [0, 1] and `num_classes` logits."""
     if len(input_shape) != 3 or min(input_shape) < 1 or num_classes < 2:
         raise ValueError(f"need input_shape (C, H, W) and num_classes >= 2, got {input_shape}, {num_classes}")
-    return MODELS.create(name, input_shape=tuple(input_shape), num_classes=num_classes)
+    model = MODELS.create(name, input_shape=tuple(input_shape), num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {name!r}: the factory must return a torch.nn.Module, got {type(model).__name__}")
+    layers = getattr(model, "default_layers", None)
+    if not layers or not all(isinstance(layer, str) for layer in layers):
+        raise ValueError(f"model {name!r} has no `default_layers`: set model.default_layers to the named_modules() "
+                         "paths whose outputs are the activations to study, e.g. ['relu1', 'relu2']")
+    return model
 
 
 class LeNet5(nn.Module):

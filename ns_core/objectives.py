@@ -1,81 +1,58 @@
-"""Training objectives: standard, PGD-AT, TRADES and SNS (sensitive neuron stabilizing).
+"""Training objectives: standard, PGD-AT, fast AT, TRADES and SNS (sensitive neuron stabilizing).
 
-An objective does two things per batch, and the Trainer owns everything else (zero_grad, step,
-AMP, schedules):
+An objective does two things per batch, and the Trainer owns everything else (zero_grad, step, AMP,
+schedules); between epochs it may re-select neurons and check itself for collapse:
 
     x_adv = objective.craft(model, x, y, generator)     # None for standard training
     loss, parts = objective.loss(model, x, y, x_adv)    # parts: detached scalars to log
+    objective.on_epoch_start(model, epoch, probe, generator); objective.check(history, num_classes)
 
-SNS adds to its base loss (PGD-AT or TRADES) lambda * sum_l mean_{m in S_l} d(F_l^m(x), F_l^m(x'))
-over the sensitive set S_l of each chosen layer. The activations come from hooks on the forward
-passes the loss makes anyway (PGD-AT needs one extra benign forward, TRADES none); S_l is re-selected
-every `reselect_every` epochs on a fixed probe subset (`on_epoch_start`). SNS starts after
-`warmup_epochs` of the plain base loss: from epoch 1, the regularizer's trivial minimum (features that
-ignore the input) swallows the network (DESIGN.md, "Collapse").
+The Trainer asks the objective what it needs to know (`watched_layers`, `selected_neurons`,
+`regularizer_active`, `params`), never its class.
+
+SNS adds to its base loss (PGD-AT, fast AT or TRADES) lambda * sum_l mean_{m in S_l} d(F_l^m(x), F_l^m(x'))
+over the sensitive set S_l of each chosen layer. The activations come from hooks on the forward passes
+the loss makes anyway, and the base loss gets the logits SNS already computed. PGD-AT needs one extra
+benign forward; it runs in train mode (batch statistics of the benign batch) but leaves BatchNorm's
+running statistics untouched, so SNS and its base differ only by the regularizer (their running
+statistics, and so their eval-mode models, see the same batches). S_l is re-selected every
+`reselect_every` epochs on a fixed probe subset (`on_epoch_start`). SNS starts after `warmup_epochs` of
+the plain base loss: from epoch 1 the regularizer's trivial minimum (features that ignore the input)
+swallows the network (DESIGN.md, "Collapse").
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from ns_core.attacks import pgd
+from ns_core.attacks import Attack, projected_ascent
 from ns_core.registry import Registry
 from ns_core.sensitivity import ActivationCapture, SensitivityMap, measure_sensitivity
-from ns_core.utils import eval_mode, frozen_parameters
+from ns_core.utils import bn_stats_frozen, eval_mode, frozen_parameters
 
 log = logging.getLogger(__name__)
 OBJECTIVES = Registry("method")
 DISTANCES = ("l1", "l2", "cosine", "relative")
+SNS_BASES = ("pgd_at", "fast_at", "trades")
 
 
 class TrainingCollapsed(RuntimeError):
-    """SNS found its trivial minimum: the chosen layers stopped responding to the input."""
+    """Training fell into a degenerate solution a retry cannot fix (SNS's trivial minimum, ...)."""
 
 
-@dataclass
-class Adversary:
-    """The training attack: PGD on cross-entropy within an eps-ball."""
-
-    eps: float = 0.3
-    steps: int = 10
-    alpha: float | None = None
-    norm: str = "linf"
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None) -> torch.Tensor:
-        return pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
-                   random_start=True, generator=generator)
+class CatastrophicOverfitting(TrainingCollapsed):
+    """Single-step adversarial training suddenly lost its robustness to multi-step attacks."""
 
 
-def trades_adversary(model: nn.Module, x: torch.Tensor, adversary: Adversary, generator=None) -> torch.Tensor:
-    """TRADES' inner maximization: PGD (Linf) on KL(f(x) || f(x')) from a small Gaussian start."""
-    alpha = adversary.alpha or 2.5 * adversary.eps / max(adversary.steps, 1)
-    with eval_mode(model), frozen_parameters(model):
-        p_clean = F.softmax(model(x), dim=1).detach()
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x_adv = (x + 0.001 * noise).clamp(0, 1)
-        for _ in range(adversary.steps):
-            x_adv.requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, x_adv)
-            x_adv = x_adv.detach() + alpha * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x - adversary.eps), x + adversary.eps).clamp(0, 1)
-    return x_adv.detach()
-
-
-def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float):
-    """CE on clean logits + beta * KL(f(x) || f(x')) (Zhang et al. 2019)."""
-    natural = F.cross_entropy(logits_clean, y)
-    robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
-    return natural + beta * robust, {"ce_clean": natural.detach(), "kl_adv": robust.detach()}
-
-
-def neuron_distance(benign: torch.Tensor, adv: torch.Tensor, distance: str) -> torch.Tensor:
+def neuron_distance(benign: Tensor, adv: Tensor, distance: str) -> Tensor:
     """Mean distance between benign and adversarial activations of the given neurons.
 
     benign, adv: (B, k, ...) activations of k neurons. `l1`: per-dim mean |difference| (the
@@ -100,24 +77,50 @@ def neuron_distance(benign: torch.Tensor, adv: torch.Tensor, distance: str) -> t
     raise ValueError(f"unknown distance {distance!r}; choose one of: {', '.join(DISTANCES)}")
 
 
+def _attack_params(attack: Attack, prefix: str = "attack") -> dict[str, Any]:
+    alpha = attack.alpha if attack.alpha is not None else f"default ({attack.name})"
+    return {f"{prefix}.name": attack.name, f"{prefix}.eps": attack.eps, f"{prefix}.norm": attack.norm,
+            f"{prefix}.steps": attack.steps_used, f"{prefix}.alpha": alpha}
+
+
 class Objective:
-    """Base behaviour shared by every objective: nothing to do between epochs, no state."""
+    """What every objective answers; the defaults fit an objective with no regularizer and no state."""
 
     name = "objective"
 
-    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None) -> torch.Tensor | None:
+    def craft(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
         return None
 
-    def loss(self, model, x, y, x_adv) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def on_epoch_start(self, model: nn.Module, epoch: int, probe, generator=None) -> dict[str, float]:
+    def watched_layers(self, model: nn.Module) -> list[str]:
+        """The layers whose sensitivity this objective cares about (default: the model's default layers)."""
+        return list(model.default_layers)
+
+    def selected_neurons(self) -> dict[str, Tensor] | None:
+        """The neurons it stabilizes, per layer, or None when it selects none."""
+        return None
+
+    @property
+    def regularizer_active(self) -> bool:
+        return False
+
+    def on_epoch_start(self, model: nn.Module, epoch: int, probe: tuple[Tensor, Tensor],
+                       generator: torch.Generator | None = None) -> dict[str, float]:
         return {}
+
+    def check(self, history: Sequence[dict], num_classes: int) -> None:
+        """Raise TrainingCollapsed when the epochs so far show a degenerate run (nothing by default)."""
+
+    def params(self, model: nn.Module) -> dict[str, Any]:
+        """The resolved settings that apply to this objective (for the record)."""
+        return {"method": self.name}
 
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         pass
 
 
@@ -129,46 +132,110 @@ class Standard(Objective):
         return ce, {"ce_clean": ce.detach()}
 
 
-@dataclass
-class PGDAT(Objective):
-    """Madry et al. 2018: cross-entropy on PGD adversarial examples."""
+class BaseLoss(Objective):
+    """An adversarial base loss SNS can stand on: it crafts x' with `attack` and scores logits it is handed."""
 
-    adversary: Adversary = field(default_factory=Adversary)
-    name = "pgd_at"
+    attack: Attack
+    uses_clean_logits = False
 
     def craft(self, model, x, y, generator=None):
-        return self.adversary(model, x, y, generator)
+        return self.attack(model, x, y, generator)
 
     def loss(self, model, x, y, x_adv):
-        ce = F.cross_entropy(model(x_adv), y)
+        logits_adv = model(x_adv)
+        logits_clean = model(x) if self.uses_clean_logits else None
+        return self.loss_from_logits(logits_adv, logits_clean, y)
+
+    def loss_from_logits(self, logits_adv: Tensor, logits_clean: Tensor | None,
+                         y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def params(self, model):
+        return {"method": self.name, **_attack_params(self.attack)}
+
+
+@dataclass
+class PGDAT(BaseLoss):
+    """Madry et al. 2018: cross-entropy on PGD adversarial examples."""
+
+    attack: Attack = field(default_factory=lambda: Attack("pgd", 0.3))
+    name = "pgd_at"
+
+    def loss_from_logits(self, logits_adv, logits_clean, y):
+        ce = F.cross_entropy(logits_adv, y)
         return ce, {"ce_adv": ce.detach()}
 
 
 @dataclass
-class TRADES(Objective):
-    adversary: Adversary = field(default_factory=Adversary)
+class FastAT(PGDAT):
+    """Wong, Rice and Kolter 2020 ("Fast is better than free"): cross-entropy on FGSM from a random start
+    with step 1.25 eps, 2 passes per step instead of PGD-10's 11. It can lose all robustness within an
+    epoch ("catastrophic overfitting"): `check` stops the run when validation PGD accuracy collapses."""
+
+    name = "fast_at"
+    drop: float = 0.2  # a fall of at least this much below the best validation PGD accuracy ...
+    ratio: float = 0.5  # ... to at most this fraction of it is catastrophic overfitting
+
+    def check(self, history, num_classes):
+        robust = [h["val/robust_acc"] for h in history]
+        if len(robust) < 2:
+            return
+        best = max(robust[:-1])
+        if best - robust[-1] >= self.drop and robust[-1] <= self.ratio * best:
+            raise CatastrophicOverfitting(
+                f"validation PGD accuracy fell from {best:.1%} to {robust[-1]:.1%} in epoch {len(robust)} "
+                f"(clean {history[-1]['val/clean_acc']:.1%}): single-step training overfit catastrophically "
+                "(Wong et al. 2020); lower attack.eps or train fewer epochs, or use pgd_at")
+
+
+@dataclass
+class TRADES(BaseLoss):
+    """Zhang et al. 2019: CE on clean logits + beta * KL(f(x) || f(x')), x' maximizing that KL."""
+
+    attack: Attack = field(default_factory=lambda: Attack("pgd", 0.3))
     beta: float = 6.0
     name = "trades"
+    uses_clean_logits = True
 
     def craft(self, model, x, y, generator=None):
-        return trades_adversary(model, x, self.adversary, generator)
+        """TRADES' inner maximization: the PGD loop on KL(f(x) || f(x')) from a small Gaussian start."""
+        steps = self.attack.steps_used
+        alpha = self.attack.alpha or 2.5 * self.attack.eps / steps
+        with eval_mode(model), frozen_parameters(model):
+            with torch.no_grad():
+                p_clean = F.softmax(model(x), dim=1)
+            device = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, device=device, dtype=x.dtype, generator=generator).to(x.device)
+            start = (x + 0.001 * noise).clamp_(0, 1)
 
-    def loss(self, model, x, y, x_adv):
-        return trades_loss(model(x), model(x_adv), y, self.beta)
+            def kl(logits: Tensor, _y: Tensor) -> Tensor:  # per example (N,)
+                return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="none").sum(1)
+
+            return projected_ascent(model, x, y, start, eps=self.attack.eps, alpha=alpha, steps=steps,
+                                    norm=self.attack.norm, loss_fn=kl)
+
+    def loss_from_logits(self, logits_adv, logits_clean, y):
+        natural = F.cross_entropy(logits_clean, y)
+        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
+        return natural + self.beta * robust, {"ce_clean": natural.detach(), "kl_adv": robust.detach()}
+
+    def params(self, model):
+        return {**super().params(model), "trades.beta": self.beta}
 
 
 @dataclass
 class SNS(Objective):
-    """Sensitive neuron stabilizing on top of a PGD-AT or TRADES base loss."""
+    """Sensitive neuron stabilizing on top of a PGD-AT, fast AT or TRADES base loss."""
 
-    base: PGDAT | TRADES = field(default_factory=PGDAT)
+    base: BaseLoss = field(default_factory=PGDAT)
     lam: float = 0.1
     distance: str = "l1"
     layers: list[str] | None = None  # None: the model's default_layers
     fraction: float = 0.1
     reselect_every: int = 1
     warmup_epochs: int = 1
-    selected: dict[str, torch.Tensor] = field(default_factory=dict)
+    collapse_patience: int = 2  # epochs at chance with the regularizer on before the run is stopped
+    selected: dict[str, Tensor] = field(default_factory=dict)
     active: bool = False
     last_map: SensitivityMap | None = None
     name = "sns"
@@ -178,14 +245,22 @@ class SNS(Objective):
             raise ValueError(f"unknown distance {self.distance!r}; choose one of: {', '.join(DISTANCES)}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"sns fraction must be in (0, 1], got {self.fraction}")
-        if self.reselect_every < 1 or self.warmup_epochs < 0 or self.lam < 0:
-            raise ValueError("sns needs reselect_every >= 1, warmup_epochs >= 0 and lambda >= 0")
+        if self.reselect_every < 1 or self.warmup_epochs < 0 or self.lam < 0 or self.collapse_patience < 1:
+            raise ValueError("sns needs reselect_every >= 1, warmup_epochs >= 0, lambda >= 0 and "
+                             "collapse_patience >= 1")
 
     def craft(self, model, x, y, generator=None):
         return self.base.craft(model, x, y, generator)
 
-    def chosen_layers(self, model: nn.Module) -> list[str]:
+    def watched_layers(self, model):
         return list(self.layers) if self.layers else list(model.default_layers)
+
+    def selected_neurons(self):
+        return self.selected or None
+
+    @property
+    def regularizer_active(self) -> bool:
+        return self.active
 
     def on_epoch_start(self, model, epoch, probe, generator=None):
         """Switch the regularizer on after warm-up; re-select S_l on the probe when due."""
@@ -194,8 +269,8 @@ class SNS(Objective):
         if not (self.active and due):
             return {}
         x, y = probe
-        x_adv = self.base.adversary(model, x, y, generator)  # the same CE-PGD for both bases
-        smap = measure_sensitivity(model, [(x, x_adv)], self.chosen_layers(model))
+        x_adv = self.base.attack(model, x, y, generator)
+        smap = measure_sensitivity(model, [(x, x_adv)], self.watched_layers(model))
         dead = [layer for layer, act in smap.benign_activation.items() if float(act.max()) == 0.0]
         if dead:
             raise TrainingCollapsed(f"layer(s) {', '.join(dead)} output all zeros on the probe set at epoch "
@@ -203,7 +278,8 @@ class SNS(Objective):
         self.selected = {layer: idx.to(x.device) for layer, idx in smap.top(self.fraction).items()}
         self.last_map = smap
         log.debug("epoch %d: re-selected %s", epoch + 1, {k: v.numel() for k, v in self.selected.items()})
-        return {"probe_sensitivity_selected": smap.mean(selected=self.selected), "probe_sensitivity_all": smap.mean()}
+        return {"probe/sensitivity_selected": smap.mean(selected=self.selected),
+                "probe/sensitivity_all": smap.mean()}
 
     def loss(self, model, x, y, x_adv):
         if not self.active:
@@ -211,21 +287,39 @@ class SNS(Objective):
         with ActivationCapture(model, self.selected, channels=self.selected) as capture:
             logits_adv = model(x_adv)
             acts_adv = capture.pop()
-            logits_clean = model(x)  # PGD-AT's one extra forward; TRADES needs it anyway
+            if self.base.uses_clean_logits:  # TRADES makes this forward anyway
+                logits_clean = model(x)
+            else:  # the one extra forward; BatchNorm's running statistics stay as the base would leave them
+                with bn_stats_frozen(model):
+                    logits_clean = model(x)
             acts_clean = capture.pop()
-        if isinstance(self.base, TRADES):
-            base, parts = trades_loss(logits_clean, logits_adv, y, self.base.beta)
-        else:
-            base = F.cross_entropy(logits_adv, y)
-            parts = {"ce_adv": base.detach()}
+        base, parts = self.base.loss_from_logits(logits_adv, logits_clean if self.base.uses_clean_logits else None, y)
         reg = sum(neuron_distance(acts_clean[layer], acts_adv[layer], self.distance) for layer in self.selected)
         return base + self.lam * reg, {**parts, "sns_reg": reg.detach()}
+
+    def check(self, history, num_classes):
+        at_chance = 0
+        for h in reversed(history):  # trailing epochs with the regularizer on and clean accuracy at chance
+            if h["epoch"] <= self.warmup_epochs or self.lam == 0 or h["val/clean_acc"] > 1 / num_classes + 0.05:
+                break
+            at_chance += 1
+        if at_chance >= self.collapse_patience:
+            raise TrainingCollapsed(
+                f"clean accuracy {history[-1]['val/clean_acc']:.3f} sat at chance for {at_chance} epochs "
+                f"with the SNS regularizer on (sensitivity {history[-1]['val/sensitivity_all']:.3g}); "
+                "lower sns.lambda or raise sns.warmup_epochs")
+        self.base.check(history, num_classes)
+
+    def params(self, model):
+        return {**self.base.params(model), "method": "sns", "sns.base": self.base.name, "sns.lam": self.lam,
+                "sns.distance": self.distance, "sns.layers": self.watched_layers(model), "sns.fraction": self.fraction,
+                "sns.reselect_every": self.reselect_every, "sns.warmup_epochs": self.warmup_epochs}
 
     def state_dict(self) -> dict:
         return {"selected": {k: v.cpu() for k, v in self.selected.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.selected = dict(state.get("selected", {}))
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.selected = {k: v.to(device) for k, v in state.get("selected", {}).items()}
 
 
 @OBJECTIVES.register("standard")
@@ -234,35 +328,41 @@ def _standard() -> Standard:
 
 
 @OBJECTIVES.register("pgd_at")
-def _pgd_at(eps: float = 0.3, steps: int = 10, alpha: float | None = None, norm: str = "linf") -> PGDAT:
-    return PGDAT(Adversary(eps, steps, alpha, norm))
+def _pgd_at(attack: Attack) -> PGDAT:
+    return PGDAT(attack)
+
+
+@OBJECTIVES.register("fast_at")
+def _fast_at(attack: Attack) -> FastAT:
+    """The training attack's eps and norm, FGSM from a random start (alpha: the attack's, else 1.25 eps)."""
+    return FastAT(Attack("fgsm_rs", attack.eps, norm=attack.norm, alpha=attack.alpha))
 
 
 @OBJECTIVES.register("trades")
-def _trades(eps: float = 0.3, steps: int = 10, alpha: float | None = None, beta: float = 6.0) -> TRADES:
-    return TRADES(Adversary(eps, steps, alpha, "linf"), beta)
+def _trades(attack: Attack, beta: float = 6.0) -> TRADES:
+    return TRADES(attack, beta)
 
 
 @OBJECTIVES.register("sns")
-def _sns(eps: float = 0.3, steps: int = 10, alpha: float | None = None, norm: str = "linf",
-         base: str = "pgd_at", beta: float = 6.0, lam: float = 0.1, distance: str = "l1",
+def _sns(attack: Attack, base: str = "pgd_at", beta: float = 6.0, lam: float = 0.1, distance: str = "l1",
          layers: list[str] | None = None, fraction: float = 0.1, reselect_every: int = 1,
-         warmup_epochs: int = 1) -> SNS:
-    adversary = Adversary(eps, steps, alpha, norm)
-    if base == "pgd_at":
-        base_objective: PGDAT | TRADES = PGDAT(adversary)
-    elif base == "trades":
-        base_objective = TRADES(adversary, beta)
-    else:
-        raise ValueError(f"unknown sns base {base!r}; choose one of: pgd_at, trades")
-    return SNS(base_objective, lam, distance, layers, fraction, reselect_every, warmup_epochs)
+         warmup_epochs: int = 1, collapse_patience: int = 2) -> SNS:
+    if base not in SNS_BASES:
+        raise ValueError(f"unknown sns base {base!r}; choose one of: {', '.join(SNS_BASES)}")
+    base_objective = create_objective(base, attack=attack, **({"beta": beta} if base == "trades" else {}))
+    return SNS(base_objective, lam, distance, layers, fraction, reselect_every, warmup_epochs, collapse_patience)
 
 
-def create_objective(name: str, **params) -> Objective:
+def objective_arguments(name: str) -> list[str]:
+    """The keyword arguments the method's factory takes (what a config must hand it)."""
+    return list(inspect.signature(OBJECTIVES.get(name)).parameters)
+
+
+def create_objective(name: str, **params: Any) -> Objective:
     """Build an objective by method name; parameters it does not take give a one-line error."""
-    factory = OBJECTIVES.get(name)
-    try:
-        return factory(**params)
-    except TypeError as err:
-        valid = ", ".join(inspect.signature(factory).parameters)
-        raise ValueError(f"bad parameters for method {name!r} ({err}); it takes: {valid}") from None
+    valid = objective_arguments(name)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(f"method {name!r} takes no parameter(s) {', '.join(unknown)}; it takes: "
+                         f"{', '.join(valid) or 'nothing'}")
+    return OBJECTIVES.get(name)(**params)

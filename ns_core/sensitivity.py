@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -119,14 +119,9 @@ class ActivationCapture(ForwardHooks):
         self.outputs.clear()
 
 
-def per_neuron_mean_abs(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, ...) -> (B, C): mean |value| over each neuron's map (a scalar neuron is its own mean)."""
-    return t.abs().flatten(2).mean(dim=2) if t.dim() > 2 else t.abs()
-
-
 def neuron_sums(benign: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    """(B, C, ...) twice -> (2, C) float64: per neuron, the batch sums of per_neuron_mean_abs(benign - adv)
-    and of per_neuron_mean_abs(benign). Each map is summed in float32 (contiguous, fast), the batch
+    """(B, C, ...) twice -> (2, C) float64: per neuron, the batch sums of each neuron's mean |benign - adv|
+    over its map and of its mean |benign|. Each map is summed in float32 (contiguous, fast), the batch
     in float64: no float64 copy of the activations (that copy cost more than the forward pass)."""
     b, c = benign.shape[:2]
     per_map = math.prod(benign.shape[2:])  # 1 for scalar neurons
@@ -271,16 +266,4 @@ def measure_sensitivity(
         num_pairs=num_pairs,
         metadata={k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()},
     )
-
-
-def adversarial_pairs(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    attack,
-    device: torch.device,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `(x, attack(model, x, y))` for each `(x, y)` batch, moved to `device`."""
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        yield x, attack(model, x, y)
 

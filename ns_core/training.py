@@ -1,12 +1,20 @@
-"""The Trainer: epochs of an objective (standard, PGD-AT, TRADES, SNS) with validation each epoch.
+"""The Trainer: epochs of an objective (standard, PGD-AT, fast AT, TRADES, SNS), validated every epoch.
 
-Each epoch it reports clean and PGD robust accuracy on a fixed validation subset, the loss terms,
-the mean neuron sensitivity (all neurons and the selected ones) measured on the same validation
-pairs the robust accuracy used (one extra forward, no extra attack), and the epoch's seconds.
-Callbacks receive those metrics after every epoch: the orchestrator reports and checkpoints there.
+Each epoch it reports, on the validation split (never the test split): clean and robust accuracy under
+the validation attack, the mean neuron sensitivity measured on those same pairs (all neurons, the
+selected ones, and the relative variant), the loss terms, the learning rate and the epoch's seconds.
+"Selected" neurons are the objective's own (SNS), or for other methods the top fraction of a map
+measured on the fixed training probe set, never on the pairs the number is reported on. Callbacks
+receive the metrics after every epoch: the orchestrator logs, checkpoints and reports there.
 
-    trainer = Trainer(model, create_objective("sns", lam=0.1), train_set, val_set, TrainConfig(epochs=5))
+    trainer = Trainer(model, create_objective("pgd_at", attack=Attack("pgd", 0.2)), load_dataset("mnist5k"),
+                      TrainConfig(epochs=5))
     history = trainer.fit()
+
+Batches are drawn by index from tensors that live on the training device (no DataLoader, no collate);
+the model and its inputs use the faster memory format for the device (`performance.memory_format`); on
+CUDA, bf16 autocast and fused optimizers. The training state (model, optimizer, schedule, the random
+generator, the objective's state) is one `state_dict`, so a resumed or forked run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -15,16 +23,17 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch import Tensor, nn
 
-from ns_core.attacks import pgd
-from ns_core.objectives import SNS, Objective, TrainingCollapsed
+from ns_core.attacks import Attack
+from ns_core.checkpoint import save_checkpoint
+from ns_core.data import DatasetSplits, Split, augment_batch
+from ns_core.objectives import Objective
+from ns_core.performance import memory_format
 from ns_core.sensitivity import SensitivityMap, measure_sensitivity
 from ns_core.utils import eval_mode, make_generator, pick_device
 
@@ -38,7 +47,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """How to train: optimization, schedule, validation and safety checks."""
+    """How to train: optimization, schedule, validation and the probe set."""
 
     epochs: int = 5
     batch_size: int = 128
@@ -52,12 +61,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast, CUDA only
-    val_size: int = 500
-    val_eps: float = 0.3
-    val_steps: int = 10
-    probe_size: int = 256  # SNS re-selection subset of the training set
+    val_attack: Attack = field(default_factory=lambda: Attack("pgd", 0.3, steps=10))
+    val_batch_size: int = 500
+    probe_size: int = 256  # SNS re-selection subset of the training set; "selected" for other methods
     sensitivity_fraction: float = 0.1  # "selected" for methods that select nothing themselves
-    collapse_patience: int = 2
     progress: bool | None = None  # None: a bar when stderr is a terminal
 
     def __post_init__(self) -> None:
@@ -68,29 +75,11 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
-
-def first_examples(dataset: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n examples of a dataset as two tensors (x, y)."""
-    if isinstance(dataset, TensorDataset):
-        x, y = dataset.tensors[:2]
-        return x[:n], y[:n]
-    n = min(n, len(dataset))
-    items = [dataset[i] for i in range(n)]
-    return torch.stack([item[0] for item in items]), torch.tensor([int(item[1]) for item in items])
-
-
-def iterate_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled batches in a seeded order; in-memory tensors are sliced directly (no collate cost)."""
-    generator = torch.Generator().manual_seed(seed)
-    if isinstance(dataset, TensorDataset):
-        x, y = dataset.tensors[:2]
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            index = order[start:start + batch_size]
-            yield x[index], y[index]
-        return
-    yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                          pin_memory=torch.cuda.is_available())
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        d["val_attack"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["val_attack"].items()}
+        return d
 
 
 class Trainer:
@@ -98,39 +87,41 @@ class Trainer:
         self,
         model: nn.Module,
         objective: Objective,
-        train_set: Dataset,
-        val_set: Dataset,
+        data: DatasetSplits,
         config: TrainConfig,
         callbacks: Sequence[EpochCallback] = (),
         metadata: dict | None = None,
     ) -> None:
         self.config = config
         self.device = pick_device(config.device)
-        self.model = model.to(self.device)
+        self.memory_format = memory_format(model, data.input_shape, self.device)
+        self.model = model.to(self.device, memory_format=self.memory_format)
         self.objective = objective
-        self.train_set = train_set
+        self.train_split: Split = data.train.to(self.device)
+        self.val: Split = data.val.to(self.device)
+        self.augment = data.augment
+        self.num_classes = data.num_classes
         self.callbacks = list(callbacks)
         self.metadata = dict(metadata or {})
-        self.num_classes = int(self.metadata.get("num_classes", 10))
-        self.layers = objective.chosen_layers(model) if isinstance(objective, SNS) else list(model.default_layers)
-        self.val = tuple(t.to(self.device) for t in first_examples(val_set, config.val_size))
-        self.probe = tuple(t.to(self.device) for t in first_examples(train_set, config.probe_size))
+        self.layers = objective.watched_layers(self.model)
+        self.probe = self.train_split.take(config.probe_size)
         self.generator = make_generator(config.seed, self.device)
         self.optimizer = self._make_optimizer()
-        steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-        self.scheduler = self._make_scheduler(steps_per_epoch * config.epochs)
+        self.steps_per_epoch = math.ceil(len(self.train_split) / config.batch_size)
+        self.scheduler = self._make_scheduler(self.steps_per_epoch * config.epochs)
         self.amp = config.amp and self.device.type == "cuda"
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
         self.last_sensitivity: SensitivityMap | None = None
-        self._epochs_at_chance = 0
+        self.last_selection: dict[str, Tensor] | None = None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on a GPU
         if c.optimizer == "adam":
-            return torch.optim.Adam(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+            return torch.optim.Adam(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay, **fused)
         return torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
-                               weight_decay=c.weight_decay, nesterov=c.momentum > 0)
+                               weight_decay=c.weight_decay, nesterov=c.momentum > 0, **fused)
 
     def _make_scheduler(self, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
         c = self.config
@@ -141,16 +132,18 @@ class Trainer:
             return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=c.gamma)
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
 
-    def fit(self) -> list[dict]:
-        """Train from the current epoch to config.epochs; returns the per-epoch metrics."""
-        while self.epoch < self.config.epochs:
+    def fit(self, until: int | None = None) -> list[dict]:
+        """Train from the current epoch to `until` (default: config.epochs); returns the per-epoch metrics.
+        Stopping early keeps the full schedule, so the state after epoch k is the same whatever `until` is."""
+        until = self.config.epochs if until is None else min(until, self.config.epochs)
+        while self.epoch < until:
             metrics = self.train_epoch()
             metrics.update(self.validate())
             self.epoch += 1
             self.history.append(metrics)
             log.info("epoch %d/%d  %s", self.epoch, self.config.epochs,
                      "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-            self._check_collapse(metrics)
+            self.objective.check(self.history, self.num_classes)
             for callback in self.callbacks:
                 callback(metrics, self)
         return self.history
@@ -159,11 +152,10 @@ class Trainer:
         start = time.perf_counter()
         info = self.objective.on_epoch_start(self.model, self.epoch, self.probe, self.generator)
         self.model.train()
-        totals: dict[str, torch.Tensor] = {}
-        batches = iterate_batches(self.train_set, self.config.batch_size, self.config.seed + self.epoch)
-        num_batches = math.ceil(len(self.train_set) / self.config.batch_size)
-        for step, (x, y) in enumerate(self._progress(batches, num_batches)):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        totals: dict[str, Tensor] = {}
+        batches = self.train_split.batches(self.config.batch_size, seed=self.config.seed + self.epoch)
+        for step, (x, y) in enumerate(self._progress(batches)):
+            x = augment_batch(x, self.augment, self.generator).contiguous(memory_format=self.memory_format)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 x_adv = self.objective.craft(self.model, x, y, self.generator)
                 loss, parts = self.objective.loss(self.model, x, y, x_adv)
@@ -175,52 +167,58 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value.float()
             if step % 25 == 0 and not torch.isfinite(totals["loss"]):  # one sync per 25 steps
                 break
-        means = {f"train_{k}": float(v) / num_batches for k, v in totals.items()}
-        if not math.isfinite(means["train_loss"]):
-            raise TrainingDiverged(f"loss became {means['train_loss']} in epoch {self.epoch + 1}; "
+        means = {f"train/{k}": float(v) / self.steps_per_epoch for k, v in totals.items()}
+        if not math.isfinite(means["train/loss"]):
+            raise TrainingDiverged(f"loss became {means['train/loss']} in epoch {self.epoch + 1}; "
                                    f"lower the learning rate (lr={self.config.lr}) or the loss weights")
-        return {"epoch": self.epoch + 1, **means, **info, "lr": self.scheduler.get_last_lr()[0],
-                "epoch_seconds": time.perf_counter() - start}
+        return {"epoch": self.epoch + 1, **means, **info, "train/lr": self.scheduler.get_last_lr()[0],
+                "time/epoch_seconds": time.perf_counter() - start}
 
     def validate(self) -> dict:
-        """Clean and PGD accuracy on the validation subset, and sensitivity on the same pairs."""
-        x, y = self.val
+        """Clean and robust accuracy on the validation split, and sensitivity on the same pairs."""
+        start = time.perf_counter()
+        attack, generator = self.config.val_attack, make_generator(self.config.seed, self.device)
+        correct = torch.zeros(2, dtype=torch.long, device=self.device)
+        pairs = []
         with eval_mode(self.model):
-            x_adv = pgd(self.model, x, y, eps=self.config.val_eps, steps=self.config.val_steps,
-                        generator=make_generator(self.config.seed, self.device))
-            with torch.no_grad():
-                clean = (self.model(x).argmax(1) == y).float().mean()
-                robust = (self.model(x_adv).argmax(1) == y).float().mean()
-        smap = measure_sensitivity(self.model, [(x, x_adv)], self.layers, metadata=self.metadata)
-        self.last_sensitivity = smap
-        return {"clean_acc": float(clean), "robust_acc": float(robust),
-                "sensitivity_all": smap.mean(), "sensitivity_selected": smap.mean(selected=self.selected()),
-                "relative_sensitivity_all": smap.mean(relative=True)}
+            for x, y in self.val.batches(self.config.val_batch_size):
+                x = x.contiguous(memory_format=self.memory_format)
+                x_adv = attack(self.model, x, y, generator)
+                with torch.no_grad():
+                    correct[0] += (self.model(x).argmax(1) == y).sum()
+                    correct[1] += (self.model(x_adv).argmax(1) == y).sum()
+                pairs.append((x, x_adv))
+        smap = measure_sensitivity(self.model, pairs, self.layers, metadata=self.metadata_for_map())
+        self.last_sensitivity, self.last_selection = smap, self.selection()
+        clean, robust = (correct.double() / len(self.val)).tolist()
+        return {"val/clean_acc": clean, "val/robust_acc": robust, "val/sensitivity_all": smap.mean(),
+                "val/sensitivity_selected": smap.mean(selected=self.last_selection),
+                "val/relative_sensitivity_all": smap.mean(relative=True),
+                "time/val_seconds": time.perf_counter() - start}
 
-    def selected(self) -> dict[str, torch.Tensor]:
-        """SNS's current sensitive set, or the top fraction of the last validation map otherwise."""
-        if isinstance(self.objective, SNS) and self.objective.selected:
-            return self.objective.selected
-        assert self.last_sensitivity is not None
-        return self.last_sensitivity.top(self.config.sensitivity_fraction)
+    def selection(self) -> dict[str, Tensor]:
+        """The objective's selected neurons, else the top fraction of a map measured on the training probe
+        set under the validation attack (fixed seed: the choice never sees the validation pairs)."""
+        selected = self.objective.selected_neurons()
+        if selected:
+            return selected
+        x, y = self.probe
+        x_adv = self.config.val_attack(self.model, x, y, make_generator(self.config.seed + 1, self.device))
+        return measure_sensitivity(self.model, [(x, x_adv)], self.layers).top(self.config.sensitivity_fraction)
 
-    def _check_collapse(self, metrics: dict) -> None:
-        sns_on = isinstance(self.objective, SNS) and self.objective.active
-        at_chance = metrics["clean_acc"] <= 1.0 / self.num_classes + 0.05
-        self._epochs_at_chance = self._epochs_at_chance + 1 if sns_on and at_chance else 0
-        if self._epochs_at_chance >= self.config.collapse_patience:
-            raise TrainingCollapsed(
-                f"clean accuracy {metrics['clean_acc']:.3f} sat at chance for {self._epochs_at_chance} epochs "
-                f"with the SNS regularizer on (sensitivity {metrics['sensitivity_all']:.3g}); "
-                "lower sns.lambda or raise sns.warmup_epochs")
+    def metadata_for_map(self) -> dict:
+        attack = self.config.val_attack
+        return {"model": self.metadata.get("model", ""), "dataset": self.metadata.get("dataset", ""),
+                "attack": attack.name, "norm": attack.norm, "eps": attack.eps, "steps": attack.steps_used}
 
-    def _progress(self, batches, total: int):
+    def _progress(self, batches: Iterable) -> Iterable:
         show = self.config.progress if self.config.progress is not None else sys.stderr.isatty()
         if not show:
             return batches
         from tqdm import tqdm
 
-        return tqdm(batches, total=total, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False)
+        return tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                    leave=False)
 
     # ---- checkpoints: state_dicts + JSON-able metadata, loadable with weights_only=True ----
     def state_dict(self) -> dict:
@@ -228,28 +226,17 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
                 "epoch": self.epoch, "history": self.history, "metadata": self.metadata,
                 "generator": self.generator.get_state() if self.generator is not None else None,
-                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}}
+                "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.objective.load_state_dict(state["objective"])
-        if isinstance(self.objective, SNS):
-            self.objective.selected = {k: v.to(self.device) for k, v in self.objective.selected.items()}
+        self.objective.load_state_dict(state["objective"], self.device)
         if self.generator is not None and state.get("generator") is not None:
             self.generator.set_state(state["generator"].cpu())
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
 
-    def save_checkpoint(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
-        return path
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-
+    def save_checkpoint(self, path) -> None:
+        save_checkpoint(self.state_dict(), path)

@@ -1,4 +1,4 @@
-"""Small shared helpers: device choice, seeding, model-mode scoping."""
+"""Small shared helpers: device choice, seeding, model-mode and BatchNorm-statistics scoping."""
 
 from __future__ import annotations
 
@@ -61,3 +61,19 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def bn_stats_frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Run forwards that must not move BatchNorm's running statistics: in train mode they still normalize with
+    the batch's own statistics, but read and write no running buffer (track_running_stats is off for the
+    block, which hands BatchNorm no buffers at all; restoring them in place afterwards would break the
+    backward pass of the forwards that saved them)."""
+    modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for module in modules:
+        module.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.track_running_stats = True

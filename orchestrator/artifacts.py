@@ -1,21 +1,17 @@
-"""Arrow schemas and Parquet writers for study results, and the per-run logging that Tune trials and
-single runs (pipelines.train) share.
+"""Arrow schemas and Parquet writers for study results.
 
-Per run (MLflow artifacts, DESIGN.md):   sensitivity/epoch_NNN.parquet, sensitivity/sensitivity_per_layer.png,
-                                         eval/robust_accuracy.parquet
-Per study (on the parent run):          study/trials.parquet, study/pareto.parquet,
-                                         study/param_importances.parquet and the PNGs beside them
+Per run (MLflow artifacts, written by orchestrator/run.py): sensitivity/epoch_NNN.parquet,
+    sensitivity/sensitivity_per_layer.png, eval/robust_accuracy.parquet, eval/checks.parquet
+Per study (on the parent run): study/trials.parquet, study/pareto.parquet, study/param_importances.parquet,
+    study/confirmation.parquet and the PNGs beside them
 
-    logger = RunLogger(tracker, run_id)
-    trainer = build_trainer(spec, callbacks=[lambda m, t: logger.log_epoch(m, t)], data=data)
-    trainer.fit()
-    report, final = logger.log_final(trainer, data, spec)
+    table = trials_table(rows, study.search_space, ["val/robust_acc", "val/clean_acc"])
+    front = pareto_mask(rows, [("val/robust_acc", "max"), ("val/clean_acc", "max")], epochs=10)
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,18 +20,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.config import ParamSpec
-
-log = logging.getLogger(__name__)
+from orchestrator.study_config import ParamSpec
 
 TRIAL_FIELDS = [
-    pa.field("trial_id", pa.string()), pa.field("number", pa.int32()), pa.field("status", pa.string()),
-    pa.field("failure_reason", pa.string()), pa.field("training_iterations", pa.int32()),
-    pa.field("best_epoch", pa.int32()), pa.field("wall_seconds", pa.float64()),
+    pa.field("trial_id", pa.string()), pa.field("number", pa.int32()), pa.field("role", pa.string()),
+    pa.field("status", pa.string()), pa.field("failure_reason", pa.string()), pa.field("epochs", pa.int32()),
+    pa.field("forked_at", pa.int32()), pa.field("best_epoch", pa.int32()), pa.field("wall_seconds", pa.float64()),
     pa.field("train_seconds", pa.float64()), pa.field("sensitivity_selected", pa.float64()),
-    pa.field("sensitivity_all", pa.float64()), pa.field("test_clean_acc", pa.float64()),
-    pa.field("test_worst_case_acc", pa.float64()), pa.field("mlflow_run_id", pa.string()),
-]  # then one `param.<path>` column per searched parameter and one column per objective metric
+    pa.field("sensitivity_all", pa.float64()), pa.field("mlflow_run_id", pa.string()),
+]  # then one `param.<path>` column per searched parameter and one column per objective metric (validation)
 IMPORTANCE_SCHEMA = pa.schema([("objective", pa.string()), ("param", pa.string()), ("importance", pa.float64())])
 COMPLETE = "TERMINATED"  # trained every epoch; STOPPED_EARLY (ASHA), ERROR and INCOMPLETE are the others
 
@@ -77,11 +70,11 @@ def trials_table(rows: Sequence[Mapping[str, Any]], search_space: Mapping[str, P
 def pareto_mask(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
                 epochs: int) -> list[bool]:
     """True for trials on the Pareto front: completed (every epoch trained; ASHA-stopped trials reach
-    Optuna as COMPLETE too, so the status and iteration count decide) and dominated by no other."""
+    Optuna as COMPLETE too, so the status and the last epoch decide) and dominated by no other."""
     def values(row):
         return [row[m] if mode == "max" else -row[m] for m, mode in objectives]
 
-    eligible = [row.get("status") == COMPLETE and row.get("training_iterations") == epochs
+    eligible = [row.get("status") == COMPLETE and row.get("epochs") == epochs
                 and all(row.get(m) is not None and not math.isnan(row[m]) for m, _ in objectives) for row in rows]
     points = [values(row) if ok else None for row, ok in zip(rows, eligible, strict=True)]
 
@@ -96,51 +89,3 @@ def write_table(table: pa.Table, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
-
-
-def final_metrics(report) -> dict[str, float]:
-    """A RobustnessReport as flat metrics: test_clean_acc, test_<attack>_acc, ..., test_worst_case_acc."""
-    metrics: dict[str, float] = {}
-    for row in report.rows:
-        key = f"test_{row['attack']}_acc"
-        if key in metrics:  # the same attack twice (e.g. two eps): name it fully
-            key = f"test_{row['attack']}_{row['norm']}_eps{row['eps']:g}_s{row['steps']}_acc"
-        metrics[key] = row["accuracy"]
-    return metrics
-
-
-class RunLogger:
-    """Logs one training run into its MLflow run: per-epoch metrics and sensitivity tables, then the
-    final test-split evaluation (Parquet) and the per-layer sensitivity plot."""
-
-    def __init__(self, tracker, run_id: str) -> None:
-        self.tracker = tracker
-        self.run_id = run_id
-
-    def log_epoch(self, metrics: Mapping[str, Any], trainer) -> None:
-        epoch = int(metrics["epoch"])
-        numbers = {k: v for k, v in metrics.items() if k != "epoch" and isinstance(v, int | float)}
-        self.tracker.log_metrics(self.run_id, numbers, step=epoch)
-        if trainer.last_sensitivity is not None:
-            table = trainer.last_sensitivity.to_arrow(selected=trainer.selected())
-            pairs = {"attack": "pgd", "norm": "linf", "eps": trainer.config.val_eps,  # how x' was made
-                     "steps": trainer.config.val_steps, "epoch": epoch}
-            metadata = {**(table.schema.metadata or {}), **{k.encode(): str(v).encode() for k, v in pairs.items()}}
-            self.tracker.log_table(self.run_id, table.replace_schema_metadata(metadata),
-                                   f"sensitivity/epoch_{epoch:03d}.parquet")
-
-    def log_final(self, trainer, data, spec) -> tuple[Any, dict[str, float]]:
-        """Evaluate on the test split with spec.eval_attacks; log the table, the plot and test_* metrics."""
-        from ns_core.experiment import evaluate
-        from orchestrator.plots import sensitivity_figure
-
-        report = evaluate(trainer.model, data, spec)
-        metrics = final_metrics(report)
-        self.tracker.log_table(self.run_id, report.to_arrow(), "eval/robust_accuracy.parquet")
-        self.tracker.log_metrics(self.run_id, metrics, step=trainer.epoch)
-        self.tracker.set_tags(self.run_id, {"sanity_passed": report.sanity_passed})
-        if trainer.last_sensitivity is not None:
-            figure = sensitivity_figure(trainer.last_sensitivity, trainer.selected(),
-                                        title=f"neuron sensitivity after epoch {trainer.epoch}")
-            self.tracker.log_figure(self.run_id, figure, "sensitivity/sensitivity_per_layer.png")
-        return report, metrics

@@ -34,14 +34,15 @@ def sensitivity_figure(smap, selected: Mapping[str, Any] | None = None, title: s
 
 
 def pareto_figure(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
-                  front: Sequence[bool]) -> Figure:
-    """Completed trials on the first two objectives (one objective: value per trial number)."""
+                  front: Sequence[bool], reference: Mapping[str, Any] | None = None, title: str = "") -> Figure:
+    """Completed trials on the first two objectives (one objective: value per trial number), the front joined,
+    and the baseline (`reference`) as a star."""
     figure = Figure(figsize=(5.5, 4.2), layout="constrained")
     ax = figure.subplots()
-    done = [(row, on) for row, on in zip(rows, front, strict=True) if row.get("status") == "TERMINATED"]
+    done = [(row, on) for row, on in zip(rows, front, strict=True) if row.get("status") in ("TERMINATED", "FINISHED")]
     if len(objectives) == 1:
         metric = objectives[0][0]
-        ax.scatter([r["number"] for r, _ in done], [r.get(metric) for r, _ in done],
+        ax.scatter([r.get("number", i) for i, (r, _) in enumerate(done, start=1)], [r.get(metric) for r, _ in done],
                    c=["tab:red" if on else "tab:gray" for _, on in done])
         ax.set_xlabel("trial number")
         ax.set_ylabel(metric)
@@ -51,12 +52,18 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[
         best = sorted((r for r, on in done if on), key=lambda r: r[mx])
         ax.plot([r[mx] for r in best], [r[my] for r in best], "o-", color="tab:red", label="Pareto front")
         for r, _ in done:
-            ax.annotate(str(r["number"]), (r.get(mx), r.get(my)), fontsize=7, xytext=(3, 3),
+            ax.annotate(str(r.get("number", r.get("trial", ""))), (r.get(mx), r.get(my)), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
+        if reference is not None and reference.get(mx) is not None and reference.get(my) is not None:
+            ax.scatter([reference[mx]], [reference[my]], marker="*", s=220, color="black", zorder=4,
+                       label="baseline")
         ax.set_xlabel(f"{mx} ({objectives[0][1]})")
         ax.set_ylabel(f"{my} ({objectives[1][1]})")
         ax.legend(fontsize=8)
-    ax.set_title(f"{len(done)} completed trials", fontsize=10)
+    if len(objectives) == 1 and reference is not None and reference.get(objectives[0][0]) is not None:
+        ax.axhline(reference[objectives[0][0]], color="black", linestyle="--", label="baseline")
+        ax.legend(fontsize=8)
+    ax.set_title(title or f"{len(done)} completed trials", fontsize=10)
     return figure
 
 

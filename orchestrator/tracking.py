@@ -38,6 +38,18 @@ def default_tracking_uri(directory: str | Path | None = None) -> str:
     return f"sqlite:///{Path(directory or Path.cwd()).resolve() / 'mlflow.db'}"
 
 
+def absolute_uri(uri: str, base: Path) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db; http(s) and other URIs are kept; a bare path
+    is refused (MLflow 3 no longer reads a ./mlruns file store)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///")).expanduser()
+        return f"sqlite:///{(base / db).resolve()}"
+    if "://" not in uri:
+        raise ValueError(f"tracking URI {uri!r} is not a URI; use sqlite:///{uri}/mlflow.db or http://host:5000 "
+                         "(MLflow 3 has no ./mlruns file store)")
+    return uri
+
+
 def git_commit(directory: str | Path | None = None) -> str:
     """The checkout's HEAD commit, or "unknown" outside git (e.g. a Ray job's working_dir copy)."""
     try:
@@ -129,9 +141,6 @@ class Tracker:
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_file(self, run_id: str, path: str | Path, artifact_dir: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_dir)
-
     def log_table(self, run_id: str, table: pa.Table, artifact_path: str) -> None:
         """Write `table` as Parquet and log it at `artifact_path` (e.g. "eval/robust_accuracy.parquet")."""
         directory, name = os.path.split(artifact_path)
@@ -150,6 +159,9 @@ class Tracker:
 
     def log_dict(self, run_id: str, data: Mapping[str, Any], artifact_path: str) -> None:
         self.client.log_dict(run_id, dict(data), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_path: str) -> None:
+        self.client.log_text(run_id, text, artifact_path)
 
     def download(self, run_id: str, artifact_path: str, destination: str | Path) -> Path:
         return Path(self.client.download_artifacts(run_id, artifact_path, str(destination)))
@@ -173,6 +185,18 @@ class Tracker:
 
     def get_run(self, run_id: str):
         return self.client.get_run(run_id)
+
+    def run_exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # MLflow raises its own RESOURCE_DOES_NOT_EXIST error
+            return False
+
+    def last_step(self, run_id: str, key: str = "epoch") -> int:
+        """The highest step logged for `key` (-1 when none): a resumed run logs only what comes after it."""
+        history = self.client.get_metric_history(run_id, key)
+        return max((m.step for m in history), default=-1)
 
     def ui_command(self) -> str:
         """The one command that opens the MLflow UI on this store."""

@@ -5,8 +5,10 @@
     python -m pipelines.analyze stabilize --checkpoint A.pt [B.pt] [--layer relu3] [--draws 5]  # claim 2
     python -m pipelines.analyze study --name quick-20260101-120000 --study-experiment nslab-quick
 
-`methods` trains standard / PGD-AT / TRADES / SNS over several seeds as parallel Ray tasks and prints
-the commands that run `compare` and `stabilize` on its checkpoints. Each report is an MLflow parent
+`methods` trains standard / PGD-AT / TRADES / SNS over several seeds as Ray Tune trials (resumable: run the
+same command again), evaluates each on the test split with the final suite (AutoAttack), and prints the
+paired comparison and the commands that run `compare` and `stabilize` on its checkpoints.
+Each report is an MLflow parent
 run (experiment "nslab-analysis") with one child per model or per seed holding its Parquet tables and
 PNG plots; `--out DIR` writes the same files to DIR (`--tracking-uri none` skips MLflow). Every
 subcommand has --dry-run (check the inputs, print the plan) and --smoke-test (a seconds-long budget).
@@ -21,12 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from orchestrator.analysis import CompareOptions, StabilizeOptions, compare_report, load_checkpoints, stabilize_report
-from orchestrator.analysis_config import load_methods_config
-from orchestrator.analysis_report import ReportWriter
-from orchestrator.config import absolute_uri
-from orchestrator.tracking import Tracker, default_tracking_uri
-from pipelines._common import Timer, add_common_flags, run_cli, setup_logging
+from analyses.compare import CompareOptions, compare_report
+from analyses.config import load_methods_config
+from analyses.loading import check_layers, load_checkpoints, same_data
+from analyses.report import ReportWriter
+from analyses.stabilize import StabilizeOptions, stabilize_report
+from orchestrator.tracking import Tracker, absolute_uri, default_tracking_uri
+from pipelines._common import Parser, Timer, add_common_flags, positive_int, run_cli, setup_logging, writable_dir
 
 log = logging.getLogger("pipelines.analyze")
 DEFAULT_EXPERIMENT = "nslab-analysis"
@@ -34,24 +37,22 @@ SMOKE_FRACTIONS = [0.1, 0.5, 1.0]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.analyze", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m pipelines.analyze", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{methods,compare,stabilize,study}")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_common_flags(p)
         p.add_argument("--out", metavar="DIR", help="also write the report's Parquet and PNG files under DIR")
-        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
-                       help=f"MLflow experiment of the report (default {DEFAULT_EXPERIMENT})")
+        p.add_argument("--experiment", help=f"MLflow experiment of the report (default {DEFAULT_EXPERIMENT})")
         return p
 
     p = command("methods", "Claim 3: standard, PGD-AT, TRADES and SNS over several seeds, same budget and attacks.")
     p.add_argument("--config", default="configs/analysis/methods_quick.yaml", help="methods YAML")
-    p.add_argument("--checkpoint-dir", help="where checkpoints go (default: the config's checkpoint_dir)")
-    p.add_argument("--address", help="Ray cluster to use (default: the config's ray.address, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: the config's, else all)")
-    p.add_argument("--device", help="override train.device of every training (auto | cpu | cuda)")
+    p.add_argument("--checkpoint-dir", help="where final models go (default: the config's checkpoint_dir)")
+    p.add_argument("--storage", help="Ray Tune results (default: the config's storage, else ./ray_results)")
+    p.add_argument("--address", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--keep-gpu", action="store_true", help="keep the GPU request on a cluster without GPUs yet")
 
     for name, text in (("compare", "Claim 1: neuron sensitivity per layer of several models on the same inputs."),
                        ("stabilize", "Claim 2: patch the top-k sensitive vs k random neurons with benign values.")):
@@ -61,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="nslab checkpoints (.pt) of one dataset (--smoke-test trains two tiny ones if omitted)")
         p.add_argument("--labels", nargs="+", help="one name per checkpoint (default: the training method)")
         p.add_argument("--eps", type=float, help="PGD Linf eps (default: each checkpoint's training eps)")
-        p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
-        p.add_argument("--examples", type=int, default=1000, help="test images (default 1000)")
+        p.add_argument("--steps", type=positive_int, default=10, help="PGD steps (default 10)")
+        p.add_argument("--examples", type=positive_int, default=1000, help="test images (default 1000)")
         p.add_argument("--data-root", help="dataset directory (default: the checkpoint's, $NSLAB_DATA, ...)")
         p.add_argument("--device", default="auto", help="auto (CUDA when visible) | cpu | cuda")
         p.add_argument("--seed", type=int, default=0, help="seed of the attacks and random draws (default 0)")
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="layer to patch; repeat for several (default: every default layer)")
     stabilize.add_argument("--fractions", nargs="+", type=float, help="fractions of the layer's neurons "
                            "(default 0.05 0.1 0.2 0.3 0.5 0.75 1.0)")
-    stabilize.add_argument("--draws", type=int, default=5, help="random draws per fraction (default 5)")
-    stabilize.add_argument("--probe", type=int, default=1000, help="training images that rank the neurons")
+    stabilize.add_argument("--draws", type=positive_int, default=5, help="random draws per fraction (default 5)")
+    stabilize.add_argument("--probe", type=positive_int, default=1000, help="training images that rank the neurons")
 
     p = command("study", "A finished study: robust accuracy vs sensitivity, best/worst maps, Pareto front.")
     p.add_argument("--name", help="study name (MLflow parent run / tag nslab.study); a prefix such as 'quick' "
@@ -93,26 +94,28 @@ def tracking_uri(arg: str | None) -> str | None:
     return absolute_uri(uri, Path.cwd())
 
 
-def make_writer(args) -> ReportWriter:
-    uri = tracking_uri(args.tracking_uri)
-    return ReportWriter(Tracker(uri, args.experiment) if uri else None, args.out)
+def make_writer(args, tracking=None) -> ReportWriter:
+    uri = tracking_uri(args.tracking_uri or (tracking.uri if tracking is not None else None))
+    experiment = args.experiment or (tracking.experiment if tracking is not None else DEFAULT_EXPERIMENT)
+    return ReportWriter(Tracker(uri, experiment) if uri else None, args.out)
 
 
 def smoke_checkpoints(directory: Path) -> list[str]:
     """Two seconds-trained LeNet-5 checkpoints (standard, PGD-AT) for --smoke-test without --checkpoints."""
-    from ns_core.experiment import ExperimentSpec, build_trainer, load_data
-    from ns_core.training import TrainConfig
+    from orchestrator.config import validate
+    from orchestrator.experiment_config import ExperimentConfig
+    from orchestrator.run import build_trainer
 
     paths = []
-    for method, params in (("standard", {}), ("pgd_at", {"eps": 0.2, "steps": 2})):
+    for method in ("standard", "pgd_at"):
         path = directory / f"smoke-{method}.pt"
         if not path.exists():
-            spec = ExperimentSpec(dataset="mnist5k", model="lenet5", method=method, method_params=params,
-                                  train=TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=3e-3,
-                                                    weight_decay=0.0, val_size=64, val_eps=0.2, val_steps=2,
-                                                    progress=False), train_limit=1024)
-            data = load_data(spec)
-            trainer = build_trainer(spec, data=data)
+            experiment = validate(ExperimentConfig, {
+                "name": f"smoke-{method}", "dataset": "mnist5k", "model": "lenet5", "method": method,
+                "attack": {"name": "pgd", "eps": 0.2, "steps": 2}, "data": {"train_limit": 1024, "val_size": 64},
+                "train": {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0,
+                          "val_attack": {"name": "pgd", "eps": 0.2, "steps": 2}}})
+            trainer = build_trainer(experiment)
             trainer.fit()
             trainer.save_checkpoint(path)
         paths.append(str(path))
@@ -120,37 +123,40 @@ def smoke_checkpoints(directory: Path) -> list[str]:
 
 
 def run_methods_command(args) -> int:
-    from orchestrator.analysis_methods import format_table, run_methods
+    from analyses.methods import format_table, run_methods
+    from orchestrator.ray_runtime import ray_session
 
     config = load_methods_config(args.config)
-    if args.address:
-        config.ray.address = args.address
-    if args.num_cpus:
-        config.ray.num_cpus = args.num_cpus
-    if args.device:
-        config.train["device"] = args.device
     if args.smoke_test:
         config = config.smoke()
     checkpoint_dir = Path(args.checkpoint_dir or (Path(args.out) / "checkpoints" if args.smoke_test and args.out
                                                   else config.checkpoint_dir)).resolve()
+    storage = args.storage or config.storage or str(Path.cwd() / "ray_results")
     jobs = len(config.methods) * len(config.seeds)
+    e = config.experiment
     plan = (f"{jobs} trainings ({', '.join(m.label for m in config.methods)} x seeds {config.seeds}) on "
-            f"{config.dataset}/{config.model}, {config.train.get('epochs', 5)} epochs; checkpoints under "
-            f"{checkpoint_dir}; Ray {config.ray.address or 'local'}, {config.ray.cpus_per_task} CPU / "
-            f"{config.ray.gpus_per_task} GPU per task")
+            f"{e.dataset}/{e.model}, {e.train.epochs} epochs; final suite {', '.join(a.label for a in e.final_suite())}"
+            f" on the test split; checkpoints under {checkpoint_dir}; {config.resources.cpu:g} CPU / "
+            f"{config.resources.gpu:g} GPU per training")
     if args.dry_run:
         print(f"# dry run: config {args.config} is valid\n{plan}")
         return 0
+    writable_dir(checkpoint_dir, "checkpoint folder")
+    if "://" not in storage:
+        storage = str(writable_dir(storage, "Ray results folder"))
     print(plan, flush=True)
-    writer = make_writer(args)
-    result = run_methods(config, writer, checkpoint_dir)
-    print("\n" + format_table(result.summary.to_pylist(), result.paired_summary.to_pylist()))
-    failed = [r for r in result.per_seed.to_pylist() if r["status"] != "ok"]
-    for row in failed:
-        print(f"  {row['method']} seed {row['seed']} failed: {row['error']}")
-    resumed = sum(1 for r in result.per_seed.to_pylist() if r.get("resumed_at_epoch"))
-    note = f" ({resumed} resumed from their checkpoints)" if resumed else ""
-    print(f"\n{jobs} trainings{note} in {result.seconds:.0f} s; report: {writer.where()}")
+    writer = make_writer(args, config.tracking)
+    from orchestrator.run import load_data
+
+    load_data(config.experiment)  # a missing dataset is one line, before Ray starts
+    with ray_session(args.address):
+        result = run_methods(config, writer, checkpoint_dir, storage, keep_gpu=args.keep_gpu)
+    robust = "AutoAttack" if any(a.name == "autoattack" for a in e.final_suite()) else "worst case"
+    print("\n" + format_table(result.summary.to_pylist(), result.paired_summary.to_pylist(), robust))
+    for row in result.per_seed.to_pylist():
+        if row["status"] != "ok":
+            print(f"  {row['method']} seed {row['seed']} failed: {row['error']}")
+    print(f"\n{jobs} trainings in {result.seconds:.0f} s; report: {writer.where()}")
     seed = config.seeds[0]
     ckpt = {label: str(path) for (label, s), path in result.checkpoints.items() if s == seed}
     if ckpt:
@@ -180,14 +186,11 @@ def run_model_command(args) -> int:
     if args.command == "compare" and args.shared_source:
         shared = load_checkpoints([args.shared_source], ["shared-source"], args.device)[0]
     if args.dry_run:
-        from orchestrator.analysis import check_layers, same_data
-
         if models:
             same_data(models + ([shared] if shared else []))
             layers = check_layers(models[0].model, args.layers)
-            eps = args.eps if args.eps is not None else models[0].train_eps
             print(f"# dry run: {len(models)} model(s) {[m.label for m in models]} on {models[0].metadata['dataset']}; "
-                  f"layers {layers}; PGD-{args.steps} eps {eps}; {args.examples} test images")
+                  f"layers {layers}; {models[0].attack(args.eps, args.steps).label}; {args.examples} test images")
         return 0
     writer = make_writer(args)
     timer = Timer()
@@ -207,11 +210,11 @@ def run_model_command(args) -> int:
 
 
 def run_study_command(args) -> int:
-    from orchestrator.analysis_study import study_report
+    from analyses.study_report import study_report
 
     name, experiment = args.name, args.study_experiment
     if args.config:
-        from orchestrator.config import load_study
+        from orchestrator.study_config import load_study
 
         study = load_study(args.config)
         name, experiment = name or study.study.name, experiment or study.tracking.experiment
@@ -233,7 +236,6 @@ def run_study_command(args) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading artifacts back is quick
     if getattr(args, "seed", 0) < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.command == "methods":

@@ -1,13 +1,16 @@
 """Evaluate a checkpoint against an attack suite on its test split; results as Parquet in MLflow.
 
-    python -m pipelines.evaluate --checkpoint runs/quick/checkpoint.pt --attacks fgsm:0.3 pgd:0.3:20 pgd:2.0:20:l2
-    python -m pipelines.evaluate --checkpoint runs/quick/checkpoint.pt --config configs/experiment/quick.yaml
+    python -m pipelines.evaluate --checkpoint runs/quick/checkpoint.pt --attacks fgsm:0.2 pgd:0.2:20 autoattack:0.2
+    python -m pipelines.evaluate --checkpoint runs/quick/checkpoint.pt --attacks pgd:2.0:20:l2 --examples 500
     python -m pipelines.evaluate --smoke-test          # trains a throwaway model first when no --checkpoint
 
-An attack is NAME:EPS[:STEPS[:NORM[:RESTARTS]]] (EPS may be a fraction such as 8/255; STEPS 0 = the
-attack's default). Without --attacks the suite comes from --config's `eval` block, else from the
-checkpoint's own experiment. The data set (and its test split) is the one the checkpoint was trained
-on. Prints the accuracy table and the sanity checks; --out DIR also writes robust_accuracy.parquet there.
+An attack is NAME:EPS[:STEPS[:NORM[:RESTARTS]]] (EPS may be a fraction such as 8/255; inputs are in [0, 1]).
+Names: fgsm, fgsm_rs, pgd, mim, cw_linf, feature_pgd (the adaptive attack on the watched neurons), and
+AutoAttack's autoattack (standard: apgd_ce, apgd_t, fab_t, square) or any single stage. Without
+--attacks the suite is --config's `eval` block, else the checkpoint's own final suite. The attacks
+cascade: each runs only on the examples still standing (--no-cascade: every attack on every example).
+Prints per-attack and worst-case accuracy with seconds and the gradient-masking checks (ok / FLAG);
+writes eval/robust_accuracy.parquet and eval/checks.parquet to MLflow (and --out DIR).
 """
 
 from __future__ import annotations
@@ -15,129 +18,141 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
-from pipelines._common import Timer, add_common_flags, run_cli, setup_logging
+from pipelines._common import (
+    Parser,
+    Timer,
+    add_common_flags,
+    check_tracking_location,
+    positive_int,
+    run_cli,
+    setup_logging,
+)
 
 log = logging.getLogger("pipelines.evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a Trainer checkpoint (.pt), e.g. runs/quick/checkpoint.pt")
+    parser = Parser(prog="python -m pipelines.evaluate", description=__doc__)
+    parser.add_argument("--checkpoint", help="a training checkpoint (.pt), e.g. runs/quick/checkpoint.pt")
     parser.add_argument("--attacks", nargs="+", metavar="NAME:EPS[:STEPS[:NORM[:RESTARTS]]]",
-                        help="the attack suite, e.g. fgsm:0.3 pgd:0.3:20 pgd:8/255:10:linf:2")
+                        help="the attack suite, e.g. fgsm:0.3 pgd:0.3:20 autoattack:0.3 pgd:8/255:10:linf:2")
     parser.add_argument("--config", help="experiment YAML whose `eval` block gives the attacks and examples")
-    parser.add_argument("--examples", type=int, metavar="N", help="evaluate the first N test examples only")
+    parser.add_argument("--examples", type=positive_int, metavar="N", help="evaluate the first N test examples only")
+    parser.add_argument("--no-cascade", action="store_true",
+                        help="run every attack on every clean-correct example (each attack's own accuracy)")
+    parser.add_argument("--data-root", help="where the dataset's files are (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda, cuda:1 ...")
     parser.add_argument("--seed", type=int, default=0, help="attack randomness (random starts)")
-    parser.add_argument("--out", metavar="DIR", help="also write robust_accuracy.parquet into DIR")
+    parser.add_argument("--out", metavar="DIR", help="also write robust_accuracy.parquet and checks.parquet into DIR")
     parser.add_argument("--experiment-name", default="nslab", help="MLflow experiment (default: nslab)")
     add_common_flags(parser)
     return parser
 
 
-def parse_attack(text: str):
-    """'pgd:0.3:20' -> AttackSpec('pgd', 0.3, steps=20); a bad field is a ValueError saying the format."""
-    from ns_core.evaluation import AttackSpec
-
-    parts = text.split(":")
-    if not 2 <= len(parts) <= 5:
-        raise ValueError(f"attack {text!r}: write NAME:EPS[:STEPS[:NORM[:RESTARTS]]], e.g. pgd:0.3:20")
-    try:
-        num, _, den = parts[1].partition("/")
-        eps = float(num) / float(den or 1)
-        steps = int(parts[2]) if len(parts) > 2 else 0
-        restarts = int(parts[4]) if len(parts) > 4 else 1
-    except ValueError:
-        raise ValueError(f"attack {text!r}: EPS must be a number (or a fraction like 8/255), STEPS and "
-                         "RESTARTS whole numbers") from None
-    return AttackSpec(parts[0], eps, norm=parts[3] if len(parts) > 3 else "linf", steps=steps, restarts=restarts)
-
-
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    attacks = [parse_attack(a) for a in args.attacks or []]
+    from ns_core.attacks import Attack
+
+    attacks = [Attack.parse(a) for a in args.attacks or []]
     examples = args.examples
     if args.config:
-        from orchestrator.config import load_experiment
+        from orchestrator.config import load_config
+        from orchestrator.experiment_config import ExperimentConfig
 
-        experiment = load_experiment(args.config).to_spec()
-        attacks = attacks or experiment.eval_attacks
-        examples = examples or experiment.eval_examples
+        experiment = load_config(args.config, ExperimentConfig)
+        attacks = attacks or experiment.final_suite()
+        examples = examples or experiment.eval.examples
     if args.smoke_test:  # at most two attacks of at most 3 steps on 64 examples
-        attacks = [replace(a, steps=min(a.steps, 3)) for a in attacks[:2]] or [parse_attack("fgsm:0.3"),
-                                                                               parse_attack("pgd:0.3:3")]
+        attacks = [a.replace(steps=min(a.steps_used, 3)) if a.steps_used > 1 else a for a in attacks[:2]] or [
+            Attack("fgsm", 0.2), Attack("pgd", 0.2, steps=3)]
         examples = min(examples or 64, 64)
     if not args.checkpoint and not args.smoke_test:
-        raise ValueError("pass --checkpoint PATH (a .pt file that pipelines.train or a study trial saved)")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
-    uri = args.tracking_uri
+        raise ValueError("pass --checkpoint PATH (a .pt file that pipelines.train, a study trial or analyze saved)")
     if args.dry_run:
-        print(f"checkpoint: {args.checkpoint or '(smoke test: a throwaway model)'}")
-        print("attacks: " + (", ".join(a.label for a in attacks) or "(from the checkpoint's experiment)"))
-        print(f"examples: {examples or 'all'}; device: {args.device}; MLflow: {uri or 'sqlite:///<cwd>/mlflow.db'}")
+        from ns_core.checkpoint import checkpoint_summary, load_checkpoint
+
+        summary = checkpoint_summary(load_checkpoint(args.checkpoint)) if args.checkpoint else "a throwaway smoke model"
+        print(f"checkpoint: {args.checkpoint or '(smoke test)'}: {summary}")
+        print("attacks: " + (", ".join(a.label for a in attacks) or "(the checkpoint's final suite)"))
+        print(f"examples: {examples or 'all'}; cascade: {not args.no_cascade}; device: {args.device}")
         print("# dry run: valid")
         return 0
-
     with tempfile.TemporaryDirectory(prefix="nslab-eval-") as scratch:
         checkpoint = Path(args.checkpoint) if args.checkpoint else _throwaway_checkpoint(Path(scratch))
         return _evaluate(args, checkpoint.resolve(), attacks, examples)
 
 
 def _evaluate(args, checkpoint: Path, attacks: list, examples: int | None) -> int:
-    from ns_core.data import make_loader
-    from ns_core.evaluation import default_suite, evaluate_robustness
-    from ns_core.experiment import ExperimentSpec, load_data, load_model
-    from orchestrator.artifacts import final_metrics, write_table
-    from orchestrator.tracking import Tracker, default_tracking_uri, git_commit
+    from ns_core.attacks import check_threat_model
+    from ns_core.checkpoint import load_model
+    from ns_core.evaluation import evaluate_robustness
+    from orchestrator.artifacts import write_table
+    from orchestrator.config import apply_overrides, validate
+    from orchestrator.experiment_config import ExperimentConfig
+    from orchestrator.run import load_data, record_failure, record_report
+    from orchestrator.tracking import Tracker, absolute_uri, default_tracking_uri, git_commit
 
     timer = Timer()
     model, meta = load_model(checkpoint, args.device)
-    spec = ExperimentSpec.from_dict(meta["spec"])
-    if not attacks:
-        attacks = spec.eval_attacks or default_suite(float(spec.method_params.get("eps", 0.3)))
-    data = load_data(spec)
-    loader = make_loader(data.test, batch_size=256, shuffle=False)
-    device = next(model.parameters()).device
-    report = evaluate_robustness(model, loader, attacks, device, seed=args.seed, max_examples=examples)
-    table = report.to_arrow()
-
-    tracker = Tracker(args.tracking_uri or default_tracking_uri(), args.experiment_name)
+    experiment = validate(ExperimentConfig, meta["config"], source=str(checkpoint))
+    if args.data_root:
+        experiment = apply_overrides(experiment, {"data.root": args.data_root})
+    data = load_data(experiment)
+    if tuple(data.input_shape) != tuple(meta["input_shape"]):
+        raise ValueError(f"{checkpoint} holds a model for inputs {tuple(meta['input_shape'])}, but "
+                         f"{experiment.dataset} "
+                         f"gives {tuple(data.input_shape)}; evaluate it on the data it was trained on")
+    watched = tuple(experiment.sns.layers or model.default_layers) if experiment.method == "sns" else None
+    attacks = [a.replace(layers=watched) if a.name == "feature_pgd" and a.layers is None and watched else a
+               for a in attacks or experiment.final_suite()]
+    for attack in attacks:  # a threat model that does not fit these inputs is one line, before any run starts
+        check_threat_model(attack.norm, attack.eps, f"attack {attack.label}", data.input_shape)
+    uri = absolute_uri(args.tracking_uri or default_tracking_uri(), Path.cwd())
+    check_tracking_location(uri)
+    tracker = Tracker(uri, args.experiment_name)
     run_id = tracker.start_run(f"evaluate-{checkpoint.parent.name}", params={
         "checkpoint": str(checkpoint), "attacks": [a.label for a in attacks], "examples": examples or "all",
-        "seed": args.seed, "dataset": spec.dataset, "model": spec.model}, tags={
-        "nslab.kind": "evaluate", "checkpoint": str(checkpoint), "git_commit": git_commit(),
-        "source_run_id": meta.get("mlflow_run_id", ""), "sanity_passed": report.sanity_passed})
-    tracker.log_table(run_id, table, "eval/robust_accuracy.parquet")
-    tracker.log_metrics(run_id, final_metrics(report))
-    tracker.end_run(run_id, "FINISHED")
+        "seed": args.seed, "dataset": experiment.dataset, "model": experiment.model, "cascade": not args.no_cascade},
+        tags={"nslab.kind": "evaluate", "checkpoint": str(checkpoint), "git_commit": git_commit(),
+              "source_run_id": meta.get("mlflow_run_id", "")})
+    try:
+        report = evaluate_robustness(model, data.test, attacks, seed=args.seed, max_examples=examples,
+                                     cascade=not args.no_cascade, num_classes=data.num_classes,
+                                     check_examples=experiment.eval.check_examples)
+        record_report(tracker, run_id, report, step=0)
+        tracker.end_run(run_id, "FINISHED")
+    except BaseException as err:
+        record_failure(tracker, run_id, err)
+        raise
     if args.out:
-        print(f"wrote {write_table(table, Path(args.out) / 'robust_accuracy.parquet')}")
-
-    print(f"\n{checkpoint}: {spec.model} ({spec.method}) on {spec.dataset}, {report.rows[0]['n']} test examples, "
-          f"{device}, {timer.seconds:.0f} s")
+        write_table(report.to_arrow(), Path(args.out) / "robust_accuracy.parquet")
+        print(f"wrote {write_table(report.checks_arrow(), Path(args.out) / 'checks.parquet').parent}/*.parquet")
+    device = next(model.parameters()).device
+    print(f"\n{checkpoint}: {experiment.model} ({experiment.method}) on {experiment.dataset}, {report.rows[0]['n']} "
+          f"test examples, {device}, {timer.seconds:.0f} s")
     print(report.summary())
     print(f"\nMLflow run {run_id}; open the UI:  {tracker.ui_command()}")
-    return 0 if report.sanity_passed else 1
+    return 0
 
 
 def _throwaway_checkpoint(directory: Path) -> Path:
     """--smoke-test without --checkpoint: one epoch of standard training on 256 digits."""
-    from ns_core.experiment import ExperimentSpec, build_trainer
-    from ns_core.training import TrainConfig
+    from orchestrator.config import validate
+    from orchestrator.experiment_config import ExperimentConfig, smoke_experiment
+    from orchestrator.run import build_trainer
 
-    spec = ExperimentSpec(dataset="mnist5k", model="lenet5", method="standard", train_limit=256, test_limit=128,
-                          train=TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=2e-3, val_size=64,
-                                            val_steps=2, probe_size=64, progress=False))
-    trainer = build_trainer(spec)
+    experiment = smoke_experiment(validate(ExperimentConfig, {
+        "name": "smoke", "dataset": "mnist5k", "model": "lenet5", "method": "standard", "attack": {"name": "pgd",
+        "eps": 0.2}, "train": {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 2e-3}}))
+    trainer = build_trainer(experiment)
     trainer.fit()
     log.info("smoke test: trained a throwaway model")
-    return trainer.save_checkpoint(directory / "checkpoint.pt")
+    path = directory / "checkpoint.pt"
+    trainer.save_checkpoint(path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

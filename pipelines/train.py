@@ -4,10 +4,11 @@
     python -m pipelines.train --config configs/experiment/quick.yaml --set sns.lam=0.3 --set train.epochs=2
     python -m pipelines.train --config configs/experiment/quick.yaml --dry-run | --smoke-test
 
-Each epoch logs metrics and sensitivity/epoch_NNN.parquet to a (parent-less) MLflow run and saves
-runs/<name>/checkpoint.pt (rerunning the same command resumes from it; --fresh starts over). At the
-end it evaluates on the test split (eval/robust_accuracy.parquet, a per-layer sensitivity PNG) and
-prints the evaluation and the most sensitive neurons of each layer.
+Each epoch logs its validation metrics and sensitivity/epoch_NNN.parquet to a (parent-less) MLflow run and
+saves runs/<name>/checkpoint.pt (rerunning the same command resumes from it, in the same MLflow run;
+--fresh starts over). At the end it evaluates on the test split with the final attack suite
+(eval/robust_accuracy.parquet, eval/checks.parquet, a per-layer sensitivity PNG) and prints the evaluation,
+the gradient-masking checks and the most sensitive neurons of each layer.
 """
 
 from __future__ import annotations
@@ -17,16 +18,23 @@ import logging
 import sys
 from pathlib import Path
 
-from orchestrator.config import load_experiment, settings_text, smoke_experiment
-from orchestrator.tracking import default_tracking_uri
-from pipelines._common import Timer, add_common_flags, parse_set, run_cli, setup_logging
+from orchestrator.config import load_config, parse_set, settings_text
+from orchestrator.experiment_config import ExperimentConfig, smoke_experiment
+from pipelines._common import (
+    Parser,
+    Timer,
+    add_common_flags,
+    check_tracking_location,
+    run_cli,
+    setup_logging,
+    writable_dir,
+)
 
 log = logging.getLogger("pipelines.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m pipelines.train", description=__doc__)
     parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/experiment/quick.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                         help="override a field, e.g. --set sns.lam=0.3 (repeatable; values read as YAML)")
@@ -41,62 +49,68 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    experiment = load_experiment(args.config, parse_set(args.set))
+    experiment = load_config(args.config, ExperimentConfig, parse_set(args.set))
     if args.smoke_test:
         experiment = smoke_experiment(experiment)
     name = args.name or experiment.name + ("-smoke" if args.smoke_test else "")
-    checkpoint = (Path(args.runs_dir) / name / "checkpoint.pt").resolve()
-    uri = args.tracking_uri or default_tracking_uri()
+    from orchestrator.tracking import absolute_uri, default_tracking_uri
+
+    uri = absolute_uri(args.tracking_uri or default_tracking_uri(), Path.cwd())
+    checkpoint = Path(args.runs_dir).expanduser().resolve() / name / "checkpoint.pt"
+    from ns_core.checkpoint import checkpoint_summary, load_checkpoint
+
+    state = None if args.fresh or not checkpoint.exists() else load_checkpoint(checkpoint, fallback=True)
+    if state is not None and state["metadata"].get("config") != experiment.model_dump(mode="json"):
+        raise ValueError(f"{checkpoint} was trained with another config; pass --fresh to start over or --name NEW "
+                         "for a separate run")
     if args.dry_run:
         print(settings_text(experiment), end="")
-        print(f"# dry run: valid; checkpoint {checkpoint}; MLflow {uri} (experiment {args.experiment_name})")
+        print(f"# checkpoint {checkpoint}: " + (checkpoint_summary(state) + " (resumes)" if state else "none yet"))
+        print(f"# dry run: valid; MLflow {uri} (experiment {args.experiment_name})")
         return 0
+    if state is not None and state["epoch"] >= experiment.train.epochs:
+        print(f"{checkpoint} has finished training ({checkpoint_summary(state)}); evaluate it with python -m "
+              f"pipelines.evaluate --checkpoint {checkpoint}, or pass --fresh to train again")
+        return 0
+    writable_dir(checkpoint.parent, "checkpoint folder")
+    check_tracking_location(uri)
 
-    from ns_core.experiment import build_trainer, load_data
     from ns_core.objectives import TrainingCollapsed
     from ns_core.training import TrainingDiverged
-    from orchestrator.artifacts import RunLogger
+    from orchestrator.run import run_experiment
     from orchestrator.tracking import Tracker, config_hash, git_commit
 
-    spec = experiment.to_spec()
     tracker = Tracker(uri, args.experiment_name)
     config = experiment.model_dump(mode="json")
-    run_id = tracker.start_run(name, params=config, tags={
-        "nslab.kind": "train", "git_commit": git_commit(), "config_hash": config_hash(config),
-        "checkpoint": str(checkpoint), "nslab.config_path": str(Path(args.config).resolve())})
-    logger = RunLogger(tracker, run_id)
+    run_id = state["metadata"].get("mlflow_run_id") if state else None
+    if run_id and tracker.run_exists(run_id):
+        tracker.reopen(run_id)
+        log.info("resuming %s after epoch %d in MLflow run %s (--fresh starts over)", checkpoint, state["epoch"],
+                 run_id)
+    else:
+        run_id = tracker.start_run(name, tags={
+            "nslab.kind": "train", "git_commit": git_commit(), "config_hash": config_hash(config),
+            "checkpoint": str(checkpoint), "nslab.config_path": str(Path(args.config).resolve())})
     timer = Timer()
 
-    def on_epoch(metrics: dict, trainer) -> None:
-        logger.log_epoch(metrics, trainer)
+    def on_epoch(metrics: dict, trainer, final: bool) -> None:
+        trainer.metadata["mlflow_run_id"] = run_id
         trainer.save_checkpoint(checkpoint)
-        log.info("epoch %d/%d: clean %.3f  robust %.3f  loss %.4f  (%.1f s)", metrics["epoch"], spec.train.epochs,
-                 metrics["clean_acc"], metrics["robust_acc"], metrics["train_loss"], metrics["epoch_seconds"])
+        log.info("epoch %d/%d: val clean %.3f  val robust %.3f  loss %.4f  (%.1f s)", metrics["epoch"],
+                 experiment.train.epochs, metrics["val/clean_acc"], metrics["val/robust_acc"],
+                 metrics["train/loss"], metrics["time/epoch_seconds"])
 
-    data = load_data(spec)
-    trainer = build_trainer(spec, callbacks=[on_epoch], data=data)
-    trainer.metadata["mlflow_run_id"] = run_id
-    if checkpoint.exists() and not args.fresh:
-        trainer.load_checkpoint(checkpoint)
-        log.info("resumed from %s after epoch %d (--fresh starts over)", checkpoint, trainer.epoch)
     try:
-        trainer.fit()
-    except (TrainingDiverged, TrainingCollapsed) as err:
-        tracker.set_tags(run_id, {"failure_reason": f"{type(err).__name__}: {err}"})
-        tracker.end_run(run_id, "FAILED")
+        result = run_experiment(experiment, tracker, run_id, state=state, on_epoch=on_epoch)
+    except (TrainingDiverged, TrainingCollapsed) as err:  # recorded FAILED in MLflow by the run path
         print(f"error: {type(err).__name__}: {err} (MLflow run {run_id})", file=sys.stderr)
         return 1
-    except BaseException as err:
-        tracker.set_tags(run_id, {"error": f"{type(err).__name__}: {err}"})
-        tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    trainer.save_checkpoint(checkpoint)
-    report, final = logger.log_final(trainer, data, spec)
-    tracker.end_run(run_id, "FINISHED")
-
-    print(f"\n{name}: {spec.method} on {spec.dataset}/{spec.model}, {trainer.epoch} epochs in {timer.seconds:.0f} s")
-    print(f"\nfinal evaluation on the test split ({report.rows[0]['n']} examples):")
-    print(report.summary())
+    trainer, report = result.trainer, result.report
+    print(f"\n{name}: {experiment.method} on {experiment.dataset}/{experiment.model}, {trainer.epoch} epochs, "
+          f"{timer.seconds:.0f} s")
+    if report is not None:
+        print(f"\nfinal evaluation on the test split ({report.rows[0]['n']} examples):")
+        print(report.summary())
     if trainer.last_sensitivity is not None:
         print("\nmost sensitive neurons per layer (validation pairs, last epoch):")
         print(trainer.last_sensitivity.summary())

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from analyses.methods import paired_differences, rows_table, summarize
 from ns_core.sensitivity import SensitivityMap
-from orchestrator.analysis_methods import paired_differences, rows_table, summarize
 from orchestrator.tracking import Tracker
 from pipelines.analyze import main, smoke_checkpoints
 
@@ -22,7 +22,8 @@ def uri(tmp_path) -> str:
 
 
 def run(tmp_path, *argv: str) -> int:
-    return main([*argv, "--out", str(tmp_path / "out"), "--tracking-uri", uri(tmp_path)])
+    extra = ["--storage", str(tmp_path / "ray")] if argv[0] == "methods" else []
+    return main([*argv, "--out", str(tmp_path / "out"), "--tracking-uri", uri(tmp_path), *extra])
 
 
 def read_back(out, tables: list[str], plots: list[str]) -> dict[str, pa.Table]:
@@ -39,8 +40,8 @@ def report_runs(tmp_path, kind: str):
     return tracker, parents[0], tracker.children(parents[0].info.run_id)
 
 
-def test_methods_smoke_trains_every_method_and_seed_as_ray_tasks(tmp_path):
-    assert run(tmp_path, "methods", "--smoke-test", "--num-cpus", "2") == 0
+def test_methods_smoke_trains_every_method_and_seed_as_tune_trials(tmp_path):
+    assert run(tmp_path, "methods", "--smoke-test") == 0
     out = tmp_path / "out"
     tables = read_back(out, ["methods/per_seed.parquet", "methods/summary.parquet", "methods/paired_summary.parquet"],
                        ["plots/methods_accuracy.png"])
@@ -51,13 +52,20 @@ def test_methods_smoke_trains_every_method_and_seed_as_ray_tasks(tmp_path):
     paired = tables["methods/paired_summary.parquet"].to_pylist()
     assert {(p["a"], p["b"]) for p in paired} == {("sns", "pgd_at"), ("trades", "pgd_at")}
     tracker, parent, children = report_runs(tmp_path, "methods")
-    assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
-    child = children[0]
-    assert "eval/robust_accuracy.parquet" in tracker.list_artifacts(child.info.run_id, "eval")
-    assert "sensitivity/final.parquet" in tracker.list_artifacts(child.info.run_id, "sensitivity")
+    trainings = [c for c in children if c.data.tags["nslab.role"] == "method"]
+    warmups = [c for c in children if c.data.tags["nslab.role"] == "warmup"]
+    assert len(trainings) == 8 and all(c.info.status == "FINISHED" for c in children)
+    assert len(warmups) == 2  # one shared PGD-AT warm-up per seed, forked by sns and continued by pgd_at
+    forked = [c for c in trainings if "nslab.forked_from" in c.data.tags]
+    assert sorted(c.data.tags["nslab.label"].split("-")[0] for c in forked) == ["pgd_at", "pgd_at", "sns", "sns"]
+    child = trainings[0]
+    assert {"eval/robust_accuracy.parquet", "eval/checks.parquet"} <= set(tracker.list_artifacts(child.info.run_id,
+                                                                                                 "eval"))
+    assert "sensitivity/final_test.parquet" in tracker.list_artifacts(child.info.run_id, "sensitivity")
     assert "plots/methods_accuracy.png" in tracker.list_artifacts(parent.info.run_id, "plots")
     checkpoints = list((out / "checkpoints").rglob("*.pt"))
     assert len(checkpoints) == 8 and all(p.is_absolute() for p in checkpoints)
+    assert main(["compare", "--checkpoints", *map(str, sorted(checkpoints)[:2]), "--dry-run"]) == 0
 
 
 def test_compare_smoke_writes_stats_verdict_and_plots(tmp_path):
@@ -97,18 +105,20 @@ def make_study(tmp_path, name: str = "tiny-20260101-000000", trials: int = 6) ->
     names = []
     for i in range(trials):
         child = tracker.start_run(f"trial-{i:05d}", parent_run_id=parent,
-                                  tags={"nslab.study": name, "nslab.kind": "trial"})
+                                  tags={"nslab.study": name, "nslab.kind": "trial", "nslab.role": "search"})
         names.append(f"trial-{i:05d}")
         if i == trials - 1:  # collapsed: zero sensitivity, chance accuracy, FAILED
-            tracker.log_metrics(child, {"clean_acc": 0.1, "robust_acc": 0.1, "sensitivity_all": 0.0,
-                                        "relative_sensitivity_all": 0.0}, step=1)
+            tracker.log_metrics(child, {"val/clean_acc": 0.1, "val/robust_acc": 0.1, "val/sensitivity_all": 0.0,
+                                        "val/relative_sensitivity_all": 0.0}, step=1)
             tracker.set_tags(child, {"failure_reason": "TrainingCollapsed: clean accuracy sat at chance"})
             tracker.end_run(child, "FAILED")
             continue
         for epoch in (1, 2):
             sigma = 0.1 * (i + 1) / epoch
-            tracker.log_metrics(child, {"clean_acc": 0.9 - 0.05 * i, "robust_acc": 0.2 + 0.1 * (trials - i) / epoch,
-                                        "sensitivity_all": sigma, "relative_sensitivity_all": sigma * 2}, step=epoch)
+            tracker.log_metrics(child, {"val/clean_acc": 0.9 - 0.05 * i,
+                                        "val/robust_acc": 0.2 + 0.1 * (trials - i) / epoch,
+                                        "val/sensitivity_all": sigma, "val/relative_sensitivity_all": sigma * 2},
+                                step=epoch)
             g = torch.Generator().manual_seed(i * 10 + epoch)
             values = {"relu1": torch.rand(6, generator=g, dtype=torch.float64) * sigma,
                       "relu3": torch.rand(12, generator=g, dtype=torch.float64) * sigma}
@@ -146,26 +156,25 @@ def test_study_report_reads_a_study_by_name_prefix(tmp_path, capsys):
     (["compare", "--checkpoints", "/nope/a.pt"], "does not exist"),
     (["stabilize", "--checkpoint", "/nope/a.pt"], "does not exist"),
     (["methods", "--config", "/nope/x.yaml"], "does not exist"),
+    (["compare", "--checkpoints", "{tmp}"], "is a directory"),
     (["study", "--name", "no-such-study"], "no study named 'no-such-study'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    assert run(tmp_path, *argv) == 2
+    assert run(tmp_path, *[a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and message in err
+    assert "error:" in err and "\n" not in err and message in err and "Traceback" not in err
 
 
 def test_bad_config_key_and_unknown_layer_name_the_valid_choices(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nmethods: [{label: a, method: standard}]\neval: {attacks: [{name: pgd, eps: 0.1}]}\n"
-                   "train: {epochz: 3}\n")
+    bad.write_text("name: x\nmethods: [{label: a, method: standard}]\nexperiment: {train: {epochz: 3}}\n")
     assert run(tmp_path, "methods", "--config", str(bad), "--dry-run") == 2
     err = capsys.readouterr().err.strip()
-    assert "epochz" in err and "epochs" in err and "\n" not in err
-    bad.write_text("name: x\nmethods: [{label: a, method: standard}]\neval: {attacks: [{name: pgd, eps: 0.1}]}\n"
-                   "sensitivity: {exampels: 3}\n")
+    assert "experiment.train.epochz: unknown key" in err and "did you mean 'epochs'" in err and "\n" not in err
+    bad.write_text("name: x\nmethods: [{label: a, method: sns, sns: {lamda: 3}}]\n")
     assert run(tmp_path, "methods", "--config", str(bad), "--dry-run") == 2
     err = capsys.readouterr().err.strip()
-    assert "sensitivity.exampels: unknown key" in err and "examples" in err
+    assert "methods.0.sns.lamda: unknown key" in err and "lambda" in err
     checkpoint = smoke_checkpoints(tmp_path)[0]
     capsys.readouterr()
     assert run(tmp_path, "stabilize", "--checkpoint", checkpoint, "--layer", "relu9", "--dry-run") == 2
@@ -195,16 +204,3 @@ def test_paired_differences_and_summary_leave_failed_seeds_out():
     assert math.isclose(means["b"]["robust_acc_std"], 0.0707, abs_tol=1e-4)
     table = rows_table(rows[::-1])  # a failed seed first keeps every metric column
     assert {"clean_acc", "robust_acc", "error"} <= set(table.column_names) and table.num_rows == 5
-
-
-def test_ray_tasks_report_a_failure_and_run_without_the_gpu_they_asked_for(caplog):
-    from ns_core.models import create_model
-    from orchestrator.parallel import run_tasks
-
-    jobs = [{"name": "lenet5", "input_shape": (1, 28, 28), "num_classes": 10},
-            {"name": "no_such_model", "input_shape": (1, 28, 28), "num_classes": 10}]
-    with caplog.at_level("WARNING", logger="orchestrator.parallel"):
-        first, second = run_tasks(create_model, jobs, cpus_per_task=1, gpus_per_task=1, num_cpus=2)
-    assert first.ok and isinstance(first.value, torch.nn.Module)
-    assert not second.ok and second.error.startswith("ValueError: unknown model 'no_such_model'")
-    assert "no GPU" in caplog.text

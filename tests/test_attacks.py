@@ -1,4 +1,5 @@
-"""Contract suite run over every registered attack (both norms for pgd), and PGD against torchattacks.
+"""Contract suite run over every registered attack (both norms for pgd and AutoAttack's APGD-CE), the `Attack`
+description and its threat-model guards, and PGD and APGD-CE against torchattacks.
 
 The contract model is a small MLP (with BatchNorm and Dropout, so a wrong mode shows) trained for a
 second on scikit-learn's 8x8 digits; an identity attack fails `test_stronger_than_same_norm_noise`.
@@ -14,11 +15,29 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from ns_core.attacks import attack_names, attack_parameters, cw_margin_loss, input_gradient, pgd, run_attack
+from ns_core.attacks import (
+    ATTACKS,
+    Attack,
+    attack_names,
+    attack_parameters,
+    check_threat_model,
+    cw_margin_loss,
+    input_gradient,
+    parse_eps,
+    pgd,
+)
 from ns_core.utils import make_generator
 
-CASES = [(name, {}) for name in attack_names()] + [("pgd", {"norm": "l2"})]
+FAST = {"feature_pgd": {"layers": ["3"]},  # the ReLU of the contract MLP; budgets kept small for AutoAttack's
+        "apgd_t": {"steps": 20}, "fab_t": {"steps": 10}, "square": {"steps": 2000}}  # stages (test time)
+CASES = [(name, FAST.get(name, {})) for name in attack_names()] + [("pgd", {"norm": "l2"}), ("apgd_ce", {"norm": "l2"})]
 IDS = [name + "-" + params.get("norm", "linf") for name, params in CASES]
+
+
+def run_attack(name, model, x, y, **params):
+    if name == "autoattack":  # the whole standard version: on 96 examples it still runs every stage
+        x, y = x[:96], y[:96]
+    return ATTACKS.get(name)(model, x, y, **params)
 EPS = {"linf": 0.1, "l2": 1.0}  # on 8x8 digits in [0, 1]
 
 
@@ -60,6 +79,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def test_within_eps_ball_and_box(digits, name, params):
     model, x, y = digits
     x_adv = run_attack(name, model, x, y, eps=_eps(params), generator=make_generator(0), **params)
+    x = x[:len(x_adv)]
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
     assert _within(x_adv, x, _eps(params), params.get("norm", "linf"))
     assert not torch.equal(x_adv, x)
@@ -93,12 +113,21 @@ def test_seeded_generator_repeats(digits, name, params):
     assert torch.equal(first, again)
     if attack_parameters(name).get("random_start") is True:
         assert not torch.equal(first, other)
+    assert torch.equal(torch.random.get_rng_state(), torch.random.get_rng_state())  # (global RNG: see below)
+
+
+def test_autoattack_stages_leave_the_global_rng_alone(digits):
+    model, x, y = digits
+    state = torch.random.get_rng_state()
+    ATTACKS.get("apgd_ce")(model, x[:16], y[:16], eps=0.1, steps=5, generator=make_generator(0))
+    assert torch.equal(torch.random.get_rng_state(), state)  # pyautoattack reseeds it; we put it back
 
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
 def test_eps_zero_returns_x(digits, name, params):
     model, x, y = digits
-    assert torch.equal(run_attack(name, model, x, y, eps=0.0, generator=make_generator(0), **params), x)
+    x_adv = run_attack(name, model, x, y, eps=0.0, generator=make_generator(0), **params)
+    assert torch.equal(x_adv, x[:len(x_adv)])
 
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
@@ -112,7 +141,8 @@ def test_stronger_than_same_norm_noise(digits, name, params):
         noise = torch.randn(x.shape, generator=generator)
         noise *= eps / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     noise_accuracy = _accuracy(model, (x + noise).clamp(0, 1), y)
-    attack_accuracy = _accuracy(model, run_attack(name, model, x, y, eps=eps, **params), y)
+    x_adv = run_attack(name, model, x, y, eps=eps, **params)
+    attack_accuracy = _accuracy(model, x_adv, y[:len(x_adv)])
     assert noise_accuracy > 0.85
     assert attack_accuracy < noise_accuracy - 0.4, (attack_accuracy, noise_accuracy)
 
@@ -151,18 +181,35 @@ def test_input_gradient_leaves_parameters_alone(digits):
 
 
 @pytest.mark.parametrize(
-    ("name", "params", "match"),
-    [("pgdd", {"eps": 0.1}, "choose one of: cw_linf, fgsm, mim, pgd"),
-     ("fgsm", {"eps": 0.1, "steps": 3}, "valid parameters: eps, generator"),
-     ("mim", {}, "needs eps"),
-     ("pgd", {"eps": 0.1, "norm": "l1"}, "choose one of: linf, l2"),
-     ("pgd", {"eps": 0.1, "loss": "hinge"}, "choose one of: ce, cw"),
-     ("pgd", {"eps": -0.1}, "eps must be >= 0")],
+    ("make", "match"),
+    [(lambda: Attack("pgdd", 0.1), "choose one of: apgd_ce, apgd_t, autoattack, cw_linf"),
+     (lambda: Attack("fgsm", 0.1, steps=3), "single-step attack"),
+     (lambda: Attack("pgd", 0.1, norm="l1"), "choose one of: linf, l2"),
+     (lambda: Attack("mim", 0.1, norm="l2"), "linf only"),
+     (lambda: Attack("pgd", -0.1), "eps must be a finite number >= 0"),
+     (lambda: Attack("pgd", 8), r"did you mean 8/255 = 0.03137\?"),
+     (lambda: Attack("fgsm", 0.1, restarts=3), "restarts must be 1"),
+     (lambda: Attack("pgd", 0.1, layers=("relu1",)), "only feature_pgd"),
+     (lambda: Attack.parse("pgd:8/0"), "EPS must be a number or a fraction like 8/255, got '8/0'"),
+     (lambda: Attack.parse("pgd:0.1:many"), "STEPS and RESTARTS must be whole numbers"),
+     (lambda: Attack.parse("pgd"), "write NAME:EPS"),
+     (lambda: check_threat_model("l2", 40.0, "attack", (1, 28, 28)), "exceeds the diameter"),
+     (lambda: ATTACKS.get("pgd")(None, None, None, eps=0.1, loss="hinge"), "choose one of: ce, cw")],
 )
-def test_bad_names_and_parameters_raise(digits, name, params, match):
-    model, x, y = digits
-    with pytest.raises(ValueError, match=match):
-        run_attack(name, model, x[:4], y[:4], **params)
+def test_bad_attacks_are_one_line_errors_that_name_the_fix(make, match):
+    with pytest.raises(ValueError, match=match) as info:
+        make()
+    assert "\n" not in str(info.value)
+
+
+def test_attack_description_parses_labels_and_round_trips():
+    attack = Attack.parse("pgd:8/255:10:linf:2")
+    assert attack == Attack("pgd", 8 / 255, steps=10, restarts=2)
+    assert attack.label == "pgd-linf-eps0.0313725-s10-r2" and attack.threat_model == ("linf", 8 / 255)
+    assert Attack.parse("autoattack:0.3") == Attack("autoattack", 0.3) and parse_eps("0.25") == 0.25
+    assert Attack("cw_linf", 0.1).steps_used == 30 and Attack("fgsm", 0.1).steps_used == 1
+    assert Attack.from_dict(Attack("feature_pgd", 0.1, layers=("a", "b")).to_dict()).layers == ("a", "b")
+    assert Attack("pgd", 0.1).params() == {"eps": 0.1, "norm": "linf", "restarts": 1}
 
 
 @pytest.mark.slow
@@ -173,8 +220,8 @@ def test_pgd_agrees_with_torchattacks():
     from ns_core.models import create_model
 
     splits = load_dataset("mnist5k")
-    x_train, y_train = splits.train.tensors
-    x, y = splits.test.tensors
+    x_train, y_train = splits.train.take()
+    x, y = splits.test.take()
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = create_model("lenet5", splits.input_shape, splits.num_classes)
@@ -190,3 +237,18 @@ def test_pgd_agrees_with_torchattacks():
         theirs = _accuracy(model, reference(x, y), y)
     assert 0.05 < theirs < 0.95, theirs  # an attack that neither always nor never wins: the comparison means something
     assert abs(ours - theirs) <= 0.02, (ours, theirs)
+
+
+@pytest.mark.slow
+def test_apgd_ce_agrees_with_torchattacks_apgd(digits):
+    """Our APGD-CE stage is AutoAttack's reference code; torchattacks' APGD is an independent port."""
+    import torchattacks
+
+    model, x, y = digits
+    for norm, eps in (("linf", 0.05), ("l2", 0.5)):
+        ours = _accuracy(model, ATTACKS.get("apgd_ce")(model, x, y, eps=eps, norm=norm, generator=make_generator(0)), y)
+        reference = torchattacks.APGD(model, norm="Linf" if norm == "linf" else "L2", eps=eps, steps=100, seed=0,
+                                      loss="ce")
+        theirs = _accuracy(model, reference(x, y), y)
+        assert 0.05 < theirs < 0.95, (norm, theirs)
+        assert abs(ours - theirs) <= 0.03, (norm, ours, theirs)

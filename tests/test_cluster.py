@@ -114,7 +114,9 @@ def test_study_runs_as_a_ray_job(ray_head, tmp_path):
          "--tracking-uri", uri, "--storage", str(tmp_path / "ray"), "--name", "job"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-    assert "succeeded" in job.stdout + job.stderr and "Pareto front" in job.stdout
+    assert "succeeded" in job.stdout + job.stderr and "Pareto front" in job.stdout and "verdict" in job.stdout
     tracker = Tracker(uri, "nslab-tiny")
     (parent,) = tracker.find_runs("tags.`nslab.kind` = 'study'")
-    assert parent.info.status == "FINISHED" and len(tracker.children(parent.info.run_id)) == 2
+    assert parent.info.status == "FINISHED"
+    roles = [c.data.tags["nslab.role"] for c in tracker.children(parent.info.run_id)]
+    assert (roles.count("search"), roles.count("baseline"), roles.count("confirm")) == (2, 1, 4)

@@ -1,5 +1,6 @@
-"""orchestrator.config: every shipped config loads; paths, overrides and search spaces are checked;
-a bad config is one line on stderr and exit code 2 from the real CLI."""
+"""The one config system: every shipped config (experiments, studies, analyses) loads through one loader;
+paths, overrides, attacks and search spaces are checked; a bad config is one line on stderr and exit code 2
+from the real CLI."""
 
 import os
 import subprocess
@@ -9,31 +10,40 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ns_core.objectives import OBJECTIVES, create_objective
-from orchestrator.config import (
-    ConfigError,
-    ExperimentConfig,
-    ParamSpec,
-    apply_overrides,
-    canonical_path,
-    load_experiment,
-    load_study,
-    smoke_experiment,
-    smoke_study,
-)
+from analyses.config import load_methods_config
+from ns_core.attacks import Attack
+from ns_core.objectives import OBJECTIVES
+from orchestrator.config import ConfigError, apply_overrides, canonical_path, load_config, parse_set
+from orchestrator.experiment_config import ExperimentConfig, smoke_experiment
+from orchestrator.study_config import ParamSpec, load_study, smoke_study
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "configs" / "experiment").glob("*.yaml"))
 STUDIES = sorted((REPO / "configs" / "study").glob("*.yaml"))
+ANALYSES = sorted((REPO / "configs" / "analysis").glob("*.yaml"))
 TINY = REPO / "configs" / "study" / "tiny.yaml"
+
+
+def load_experiment(path, overrides=None):
+    return load_config(path, ExperimentConfig, overrides)
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_experiment_configs_load_and_build_their_objective(path):
     experiment = load_experiment(path)
-    spec = experiment.to_spec()
-    assert spec.dataset == experiment.dataset and spec.train.epochs == experiment.train.epochs
-    create_objective(spec.method, **spec.method_params)  # the mapping fits the registry's signature
+    assert experiment.objective().name == experiment.method
+    assert experiment.train_config().epochs == experiment.train.epochs
+    assert all(isinstance(a, Attack) for a in experiment.final_suite())
+    assert experiment.val_attack().threat_model == experiment.attack.threat_model
+
+
+@pytest.mark.parametrize("path", ANALYSES, ids=lambda p: p.stem)
+def test_analysis_configs_are_built_from_the_experiments_blocks(path):
+    config = load_methods_config(path)
+    for entry in config.methods:
+        experiment = config.experiment_for(entry, seed=7)
+        assert experiment.method == entry.method and experiment.train.seed == 7
+        assert experiment.train == config.experiment.train.model_copy(update={"seed": 7})  # one budget for all
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
@@ -47,28 +57,47 @@ def test_study_configs_load_with_absolute_locations(path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", OBJECTIVES.names())
-def test_every_registered_method_maps_to_objective_parameters(method):
-    spec = ExperimentConfig(method=method).to_spec()
-    objective = create_objective(spec.method, **spec.method_params)
-    assert objective.name == method
+def test_every_registered_method_takes_its_parameters_from_the_blocks(method):
+    experiment = ExperimentConfig(method=method)
+    assert experiment.objective().name == method
+    assert set(experiment.objective_params()) <= {"attack", "beta", *experiment.sns.model_dump()}
 
 
 def test_lambda_alias_and_canonical_paths():
-    assert canonical_path("sns.lambda") == "sns.lam"
+    assert canonical_path(ExperimentConfig, "sns.lambda") == "sns.lam"
+    assert canonical_path(ExperimentConfig, "attack.eps") == "attack.eps"  # into the Attack dataclass
     assert ExperimentConfig.model_validate({"sns": {"lambda": 0.5}}).sns.lam == 0.5
-    with pytest.raises(ValueError, match="sns has: lam"):
-        canonical_path("sns.lamda")
+    with pytest.raises(ValueError, match="sns has: lam.*did you mean 'sns.lam'"):
+        canonical_path(ExperimentConfig, "sns.lamda")
     with pytest.raises(ValueError, match="is a block"):
-        canonical_path("train")
+        canonical_path(ExperimentConfig, "train")
     with pytest.raises(ValueError, match="has no sub-fields"):
-        canonical_path("dataset.name")
+        canonical_path(ExperimentConfig, "dataset.name")
 
 
 def test_overrides_are_validated_again():
     base = ExperimentConfig()
     assert apply_overrides(base, {"sns.lambda": 0.3, "train.epochs": 2}).sns.lam == 0.3
-    with pytest.raises(ValueError):
+    assert apply_overrides(base, parse_set(["attack.eps=0.1", "attack.steps=7"])).attack == Attack("pgd", 0.1, steps=7)
+    with pytest.raises(ConfigError, match="sns.fraction: must be <= 1"):
         apply_overrides(base, {"sns.fraction": 1.5})
+    with pytest.raises(ConfigError, match=r"attack: .*did you mean 8/255"):
+        apply_overrides(base, {"attack.eps": 8})
+    with pytest.raises(ConfigError, match="write PATH=VALUE"):
+        parse_set(["sns.lam"])
+
+
+def test_a_field_named_base_is_a_field_and_a_yaml_base_is_a_file(tmp_path):
+    path = _write(tmp_path, "e.yaml", {"base": str(REPO / "configs/experiment/quick.yaml"), "sns": {"base": "trades"}})
+    experiment = load_experiment(path)
+    assert experiment.sns.base == "trades" and experiment.dataset == "mnist5k" and experiment.base_method == "trades"
+
+
+def test_custom_models_and_datasets_by_import_path():
+    experiment = ExperimentConfig(model="user_models:tiny_mlp", dataset="user_models:blobs", method="pgd_at")
+    assert experiment.model == "user_models:tiny_mlp"
+    with pytest.raises(ValueError, match="has no function 'tiny_mpl'; did you mean user_models:tiny_mlp"):
+        ExperimentConfig(model="user_models:tiny_mpl")
 
 
 def test_categorical_list_choices_round_trip_through_optuna_values():
@@ -111,10 +140,21 @@ def test_points_to_evaluate_need_every_searched_path(tmp_path):
 
 def test_smoke_budgets_are_tiny():
     study = smoke_study(load_study(REPO / "configs" / "study" / "quick.yaml"))
-    assert study.study.trials == 2 and study.study.scheduler == "none"
+    assert study.study.trials == 2 and study.study.scheduler == "none" and len(study.confirm_seeds()) == 2
     assert study.experiment.data.train_limit <= 256 and study.experiment.train.epochs <= 2
     experiment = smoke_experiment(load_experiment(REPO / "configs" / "experiment" / "cifar10.yaml"))
-    assert experiment.eval.examples == 64 and all(a.steps <= 3 for a in experiment.eval.attacks)
+    assert experiment.eval.examples == 64 and all(a.steps_used <= 3 for a in experiment.eval.attacks)
+    assert "autoattack" not in [a.name for a in experiment.eval.attacks]
+
+
+def test_a_study_has_a_baseline_and_fresh_confirmation_seeds(tmp_path):
+    study = load_study(TINY)
+    assert study.baseline_method() == "pgd_at" and study.confirm_seeds() == [1, 2]
+    assert study.baseline_experiment(seed=5).method == "pgd_at" and study.baseline_experiment(5).train.seed == 5
+    assert study.warmup_shareable() and study.warmup_epochs() == [1]
+    path = _write(tmp_path, "seed.yaml", {"base": str(TINY), "confirm": {"seeds": [0, 1]}})
+    with pytest.raises(ConfigError, match="must be distinct and fresh"):
+        load_study(path)
 
 
 BAD_CONFIGS = {
@@ -123,9 +163,14 @@ BAD_CONFIGS = {
     "negative_trials": ({"study": {"trials": -3}}, "config error: study.trials: must be >= 1 (got -3)"),
     "unknown_dataset": ({"experiment": {"dataset": "cifar"}}, "unknown dataset 'cifar'; choose one of: cifar10,"),
     "unknown_model": ({"experiment": {"model": "lenet"}}, "unknown model 'lenet'; choose one of: lenet5,"),
-    "unknown_method": ({"experiment": {"method": "snss"}}, "unknown method 'snss'; choose one of: pgd_at,"),
+    "unknown_method": ({"experiment": {"method": "snss"}}, "unknown method 'snss'; choose one of: fast_at,"),
     "unknown_path": ({"search_space": {"sns.lamda": {"type": "float", "low": 0.1, "high": 1}}},
-                     "config error: search_space.sns.lamda: 'sns.lamda' is not an experiment field"),
+                     "config error: search_space.sns.lamda: 'sns.lamda' is not a field"),
+    "test_metric": ({"study": {"objectives": [{"metric": "robust_acc"}]}},
+                    "unknown metric 'robust_acc'; a study chooses on validation metrics"),
+    "eps_scale": ({"experiment": {"attack": {"name": "pgd", "eps": 8}}}, "did you mean 8/255 = 0.03137?"),
+    "attack_key": ({"experiment": {"eval": {"attacks": [{"name": "pgd", "eps": 0.1, "step": 3}]}}},
+                   "experiment.eval.attacks.0.step: unknown key 'step'; valid keys: name, eps"),
 }
 
 
@@ -147,7 +192,7 @@ def test_bad_study_config_is_one_line_and_exit_2(case, tmp_path, capsys):
      "config error: study.trials: must be >= 1 (got -3)"),
     ("pipelines.train", {"base": str(REPO / "configs/experiment/quick.yaml"), "model": "lenet"},
      "config error: model: unknown model 'lenet'; choose one of: lenet5,"),
-    ("pipelines.train", None, "error: config file"),
+    ("pipelines.train", None, "config error: config file"),
 ])
 def test_cli_subprocess_prints_one_line_and_exits_2(module, config, start, tmp_path):
     path = _write(tmp_path, "bad.yaml", config) if config else tmp_path / "missing.yaml"

@@ -13,65 +13,96 @@ import scipy.io
 import torch
 
 from ns_core import data
-from ns_core.data import DatasetNotFound, dataset_labels, dataset_names, load_dataset, make_loader
+from ns_core.data import DatasetNotFound, augment_batch, dataset_names, load_dataset, stratified_split
 
 
-def test_mnist5k_split_is_fixed_stratified_and_in_range() -> None:
+def _rows(split) -> set[bytes]:
+    """Each example's stored bytes (uint8 for file datasets, float32 for the embedded ones)."""
+    return {row.numpy().tobytes() for row in split.x}
+
+
+def test_mnist5k_splits_are_fixed_stratified_and_in_range() -> None:
     splits = load_dataset("mnist5k")
-    assert (len(splits.train), len(splits.test)) == (4000, 1000)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (3500, 500, 1000)
     assert splits.input_shape == (1, 28, 28) and splits.num_classes == 10
-    x, y = splits.train.tensors
+    x, y = splits.train.take()
     assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape[1:] == (1, 28, 28)
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.max()) > 0.99  # scaled, not 0..255
-    counts = np.bincount(y.numpy(), minlength=10)
-    assert np.all(np.abs(counts - 400) <= 5), counts
-    assert set(np.unique(splits.test.tensors[1].numpy())) == set(range(10))
+    assert np.all(np.abs(np.bincount(splits.val.y.numpy(), minlength=10) - 50) <= 2)  # stratified
+    assert set(np.unique(splits.test.y.numpy())) == set(range(10))
     again = load_dataset("mnist5k")
-    assert torch.equal(again.train.tensors[0], x) and torch.equal(again.test.tensors[1], splits.test.tensors[1])
+    assert torch.equal(again.train.x, splits.train.x) and torch.equal(again.val.y, splits.val.y)
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "digits", "fake", "user_models:blobs"])
+def test_train_validation_and_test_are_disjoint(name: str) -> None:
+    splits = load_dataset(name)
+    train, val, test = _rows(splits.train), _rows(splits.val), _rows(splits.test)
+    assert len(val) == len(splits.val) and not (val & train) and not (val & test) and not (train & test)
+
+
+def test_validation_is_picked_by_the_data_seed_alone() -> None:
+    labels = load_dataset("mnist5k").train.y
+    chosen, rest = stratified_split(labels, 300, seed=0)
+    assert len(set(chosen) & set(rest)) == 0 and sorted([*chosen, *rest]) == list(range(len(labels)))
+    a, b = load_dataset("mnist5k", data_seed=0), load_dataset("mnist5k", data_seed=1)
+    assert not torch.equal(a.val.y, b.val.y) and len(a.val) == len(b.val) == 500
+    small = load_dataset("mnist5k", val_size=200, train_limit=1000, test_limit=100)
+    assert (len(small.train), len(small.val), len(small.test)) == (1000, 200, 100)
+    assert _rows(small.val) == _rows(load_dataset("mnist5k", val_size=200).val)  # limits never move validation
 
 
 def test_mnist5k_cache_cannot_be_altered_by_a_caller() -> None:
     splits = load_dataset("mnist5k")
-    splits.train.tensors[0].zero_()
-    assert float(load_dataset("mnist5k").train.tensors[0].max()) > 0.99
+    splits.train.x.zero_()
+    assert float(load_dataset("mnist5k").train.x.max()) > 0.99
 
 
 def test_digits_and_fake_shapes() -> None:
     digits = load_dataset("digits")
-    assert digits.input_shape == (1, 8, 8) and len(digits.train) + len(digits.test) == 1797
-    x, y = digits.train[0]
-    assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and float(digits.train.tensors[0].max()) == 1.0
+    assert digits.input_shape == (1, 8, 8) and len(digits.train) + len(digits.val) + len(digits.test) == 1797
+    assert digits.train.images().dtype == torch.float32 and float(digits.train.x.max()) == 1.0
     fake = load_dataset("fake")
-    assert (len(fake.train), len(fake.test), fake.input_shape) == (512, 256, (3, 32, 32))
-    assert torch.equal(fake.train.tensors[0], load_dataset("fake").train.tensors[0])
+    assert (len(fake.train), len(fake.val), len(fake.test), fake.input_shape) == (448, 64, 256, (3, 32, 32))
+    assert fake.augment == "crop_flip" and load_dataset("mnist5k").augment == "none"
 
 
-def test_limits_are_stratified_seeded_subsets() -> None:
-    a = load_dataset("mnist5k", train_limit=200, test_limit=50, seed=1)
-    assert (len(a.train), len(a.test)) == (200, 50)
-    assert np.array_equal(np.bincount(dataset_labels(a.train)), np.full(10, 20))
-    b = load_dataset("mnist5k", train_limit=200, seed=1)
-    c = load_dataset("mnist5k", train_limit=200, seed=2)
-    assert a.train.indices == b.train.indices and a.train.indices != c.train.indices
-    assert len(load_dataset("mnist5k", train_limit=3).train) == 3  # fewer than the classes: random subset
+def test_batches_come_by_index_in_a_seeded_order() -> None:
+    split = load_dataset("digits").train
+
+    def order(seed):
+        return torch.cat([y for _, y in split.batches(64, seed=seed)])
+
+    assert torch.equal(order(3), order(3)) and not torch.equal(order(3), order(4))
+    assert torch.equal(torch.cat([y for _, y in split.batches(64)]), split.y)
+    assert sorted(order(3).tolist()) == sorted(split.y.tolist())
 
 
-def test_make_loader_order_depends_only_on_seed() -> None:
-    dataset = load_dataset("digits").train
+def test_uint8_splits_become_floats_in_0_1_only_when_drawn() -> None:
+    split = data.Split(torch.tensor([[[[0, 255]]]], dtype=torch.uint8), torch.tensor([1]))
+    x, _ = split.take()
+    assert split.x.dtype == torch.uint8 and x.dtype == torch.float32 and x.flatten().tolist() == [0.0, 1.0]
 
-    def order(seed: int) -> torch.Tensor:
-        return torch.cat([y for _, y in make_loader(dataset, batch_size=64, shuffle=True, seed=seed)])
 
-    assert torch.equal(order(3), order(3))
-    assert not torch.equal(order(3), order(4))
-    unshuffled = torch.cat([y for _, y in make_loader(dataset, batch_size=64, shuffle=False)])
-    assert torch.equal(unshuffled, dataset.tensors[1])
+def test_augmentation_crops_and_flips_within_the_padded_image() -> None:
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) / 400 + 0.01
+    generator = torch.Generator().manual_seed(0)
+    out = augment_batch(x, "crop_flip", generator)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    for image, source in zip(out, x, strict=True):  # every pixel is one of the source's pixels or padding (0)
+        values = set(source.flatten().tolist()) | {0.0}
+        assert set(image.flatten().tolist()) <= values
+    assert torch.equal(augment_batch(x, "none"), x)
+    again = augment_batch(x, "crop_flip", torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
 
 
 def test_unknown_dataset_lists_the_names() -> None:
     with pytest.raises(ValueError, match="mnist5k") as info:
         load_dataset("mnist4k")
     assert all(name in str(info.value) for name in dataset_names())
+    with pytest.raises(ValueError, match="val_size 4000 leaves no training examples"):
+        load_dataset("mnist5k", val_size=4000)
 
 
 # ---- torchvision datasets on small files written in the real on-disk formats ------------------------------
@@ -88,7 +119,7 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
 
 
 def idx_arrays(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    images = ((np.arange(n * 784).reshape(n, 28, 28) * 7 + offset) % 256).astype(np.uint8)
+    images = np.random.default_rng(offset).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)  # all distinct
     return images, (np.arange(n) % 10).astype(np.uint8)
 
 
@@ -103,24 +134,25 @@ def write_mnist_files(raw: Path, compress: bool = False) -> dict[str, np.ndarray
 
 
 def check_idx_splits(splits: data.DatasetSplits, arrays: dict[str, np.ndarray]) -> None:
-    assert (len(splits.train), len(splits.test), splits.input_shape) == (30, 20, (1, 28, 28))
-    x, y = splits.train[13]
-    assert isinstance(y, int) and y == 3 and x.dtype == torch.float32
-    torch.testing.assert_close(x, torch.from_numpy(arrays["train"][13]).float().div(255).unsqueeze(0))
-    torch.testing.assert_close(splits.test[5][0][0], torch.from_numpy(arrays["t10k"][5]).float().div(255))
-    xb, yb = next(iter(make_loader(splits.train, batch_size=8, shuffle=False)))
-    assert xb.shape == (8, 1, 28, 28) and yb.dtype == torch.int64 and yb.tolist() == list(range(8))
+    """30 training images: 10 held out for validation (one per class), 20 for training; 20 test images."""
+    assert (len(splits.train), len(splits.val), len(splits.test), splits.input_shape) == (20, 10, 20, (1, 28, 28))
+    assert splits.train.x.dtype == torch.uint8 and sorted(splits.val.y.tolist()) == list(range(10))
+    x, y = splits.test.take()
+    torch.testing.assert_close(x[5, 0], torch.from_numpy(arrays["t10k"][5]).float().div(255))
+    assert y.tolist() == [i % 10 for i in range(20)]
+    every = {row.tobytes() for row in arrays["train"]}
+    assert _rows(splits.train) | _rows(splits.val) == every and not _rows(splits.train) & _rows(splits.val)
 
 
 def test_mnist_reads_raw_idx_files(tmp_path: Path) -> None:
     arrays = write_mnist_files(tmp_path / "MNIST" / "raw")
-    check_idx_splits(load_dataset("mnist", root=tmp_path), arrays)
+    check_idx_splits(load_dataset("mnist", root=tmp_path, val_size=10), arrays)
 
 
 def test_mnist_gunzips_gz_files_left_in_raw(tmp_path: Path) -> None:
     raw = tmp_path / "MNIST" / "raw"
     arrays = write_mnist_files(raw, compress=True)
-    check_idx_splits(load_dataset("mnist", root=str(tmp_path)), arrays)
+    check_idx_splits(load_dataset("mnist", root=str(tmp_path), val_size=10), arrays)
     assert (raw / "train-images-idx3-ubyte").is_file()
 
 
@@ -129,10 +161,10 @@ def test_fashion_mnist_takes_the_debian_package_files(tmp_path: Path, monkeypatc
     arrays = write_mnist_files(system, compress=True)
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", system)
     root = tmp_path / "data"
-    splits = load_dataset("fashion_mnist", root=root, train_limit=10, seed=0)
+    splits = load_dataset("fashion_mnist", root=root, val_size=10, train_limit=10)
     assert sorted(p.name for p in (root / "FashionMNIST" / "raw").iterdir()) == sorted(data.IDX_FILES)
-    assert len(splits.train) == 10 and sorted(dataset_labels(splits.train).tolist()) == list(range(10))
-    check_idx_splits(load_dataset("fashion_mnist", root=root), arrays)
+    assert len(splits.train) == 10 and sorted(splits.train.y.tolist()) == list(range(10))
+    check_idx_splits(load_dataset("fashion_mnist", root=root, val_size=10), arrays)
 
 
 def test_cifar10_reads_python_pickle_batches(tmp_path: Path) -> None:
@@ -151,13 +183,15 @@ def test_cifar10_reads_python_pickle_batches(tmp_path: Path) -> None:
                             "truck"], "num_cases_per_batch": 4, "num_vis": 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
 
-    splits = load_dataset("cifar10", root=tmp_path)
-    assert (len(splits.train), len(splits.test), splits.input_shape) == (20, 4, (3, 32, 32))
-    x, y = splits.train[6]  # data_batch_2, row 2
-    expected = torch.from_numpy(batches["data_batch_2"]["data"][2].reshape(3, 32, 32)).float().div(255)
-    torch.testing.assert_close(x, expected)
-    assert y == batches["data_batch_2"]["labels"][2]
-    assert splits.test[3][1] == batches["test_batch"]["labels"][3]
+    splits = load_dataset("cifar10", root=tmp_path, val_size=4)
+    assert (len(splits.train), len(splits.val), len(splits.test), splits.input_shape) == (16, 4, 4, (3, 32, 32))
+    assert splits.augment == "crop_flip"
+    x, y = splits.test.take()
+    expected = torch.from_numpy(batches["test_batch"]["data"][3].reshape(3, 32, 32)).float().div(255)
+    torch.testing.assert_close(x[3], expected)  # CHW, as the release stores its rows
+    assert y.tolist() == batches["test_batch"]["labels"]
+    every = {r.tobytes() for n in range(1, 6) for r in batches[f"data_batch_{n}"]["data"]}  # CHW rows
+    assert _rows(splits.train) | _rows(splits.val) == every
 
 
 def test_svhn_reads_mat_files(tmp_path: Path) -> None:
@@ -168,12 +202,14 @@ def test_svhn_reads_mat_files(tmp_path: Path) -> None:
         y = ((np.arange(n) % 10) + 1).astype(np.uint8).reshape(n, 1)  # digit 0 is stored as label 10
         scipy.io.savemat(tmp_path / f"{split}_32x32.mat", {"X": x, "y": y})
         images[split] = x
-    splits = load_dataset("svhn", root=tmp_path)
-    assert (len(splits.train), len(splits.test), splits.input_shape) == (12, 5, (3, 32, 32))
-    x, y = splits.train[9]
-    assert y == 0  # label 10 -> digit 0
-    torch.testing.assert_close(x, torch.from_numpy(images["train"][..., 9]).permute(2, 0, 1).float().div(255))
-    assert splits.train[4][1] == 5
+    splits = load_dataset("svhn", root=tmp_path, val_size=2)
+    assert (len(splits.train), len(splits.val), len(splits.test), splits.input_shape) == (10, 2, 5, (3, 32, 32))
+    assert splits.augment == "crop"
+    x, y = splits.test.take()
+    assert y.tolist() == [1, 2, 3, 4, 5]
+    labels = sorted(splits.train.y.tolist() + splits.val.y.tolist())
+    assert labels == sorted([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2])  # label 10 -> digit 0
+    torch.testing.assert_close(x[4], torch.from_numpy(images["test"][..., 4]).permute(2, 0, 1).float().div(255))
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "svhn"])

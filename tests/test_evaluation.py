@@ -1,131 +1,126 @@
-"""evaluate_robustness: rows, worst case, Arrow schema, sanity checks; AttackSpec validation."""
+"""Robust evaluation on models trained in the session (seconds, mnist5k): the cascade and its worst case per
+threat model, the ordering AutoAttack <= PGD <= FGSM <= clean, the gradient-masking checks on a normal and a
+deliberately masked model, the adaptive attack on SNS, and the record's schema."""
 
-from __future__ import annotations
+import copy
 
-import json
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from ns_core.evaluation import (
-    DEFAULT_SUITE_MNIST,
-    AttackSpec,
-    clean_accuracy,
-    default_suite,
-    evaluate_robustness,
-    parse_attack_suite,
-    sanity_large_eps,
-)
+from ns_core.attacks import Attack
+from ns_core.evaluation import CHECK_SCHEMA, SCHEMA, evaluate_robustness, expand_suite
+from ns_core.sensitivity import ActivationCapture
+from ns_core.utils import make_generator
 
-EXPECTED_SCHEMA = pa.schema([
-    ("attack", pa.string()), ("norm", pa.string()), ("eps", pa.float64()), ("steps", pa.int32()),
-    ("restarts", pa.int32()), ("n", pa.int64()), ("correct", pa.int64()), ("accuracy", pa.float64()),
-    ("seconds", pa.float64()),
-])
+EPS = 0.15  # the session models' training eps (conftest.TRAINED_EPS)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    """(trained MLP in eval mode, test loader of 397 8x8 digits in batches of 128)."""
-    data = load_digits()
-    x = torch.tensor(data.data / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
-    y = torch.tensor(data.target, dtype=torch.int64)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(100):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[:1400]), y[:1400]).backward()
-            optimizer.step()
-    return model.eval(), DataLoader(TensorDataset(x[1400:], y[1400:]), batch_size=128)
+def pgd_at(trained):
+    trainer, _ = trained["pgd_at"]
+    return trainer.model.eval(), *trainer.val.take(160)
 
 
-SUITE = [AttackSpec("fgsm", 0.1), AttackSpec("pgd", 0.1), AttackSpec("pgd", 0.0), AttackSpec("mim", 0.1),
-         AttackSpec("cw_linf", 0.1, steps=10), AttackSpec("pgd", 1.0, norm="l2", restarts=2)]
+def test_rows_clean_first_then_attacks_then_one_worst_case_per_threat_model(pgd_at):
+    model, x, y = pgd_at
+    suite = [Attack("fgsm", EPS), Attack("pgd", 1.5, norm="l2", steps=5), Attack("pgd", EPS, steps=5)]
+    report = evaluate_robustness(model, (x, y), suite, checks=False)
+    assert [r["attack"] for r in report.rows] == ["clean", "fgsm", "pgd", "pgd", "worst_case", "worst_case"]
+    worst = {(r["norm"], r["eps"]): r for r in report.worst_cases}
+    assert set(worst) == {("linf", EPS), ("l2", 1.5)}  # never a worst case that mixes L2 and Linf
+    assert worst["linf", EPS]["correct"] == report.rows[3]["correct"]
+    assert worst["l2", 1.5]["correct"] == report.rows[2]["correct"]
+    assert report.robust_accuracy == worst["linf", EPS]["accuracy"]
+    assert report.to_arrow().schema.equals(SCHEMA, check_metadata=False)
+    assert all(r["seconds"] >= 0 for r in report.rows) and report.rows[0]["alone_accuracy"] is None
 
 
-@pytest.fixture(scope="module")
-def report(digits):
-    model, loader = digits
-    return evaluate_robustness(model, loader, SUITE, "cpu", seed=0)
+def test_the_cascade_finds_the_worst_case_of_every_attack_on_every_example_for_less(pgd_at):
+    model, x, y = pgd_at
+    suite = [Attack("fgsm", EPS), Attack("mim", EPS, steps=5), Attack("mim", EPS, steps=20)]  # deterministic
+    cascade = evaluate_robustness(model, (x, y), suite, cascade=True, checks=False)
+    every = evaluate_robustness(model, (x, y), suite, cascade=False, checks=False)
+    assert cascade.robust_accuracy == every.robust_accuracy
+    attacked = [r["attacked"] for r in cascade.rows[1:4]]
+    assert attacked[0] == cascade.rows[0]["correct"] and attacked[0] >= attacked[1] >= attacked[2]
+    assert attacked[2] < attacked[0]  # the later attacks ran on fewer examples
+    assert [r["attacked"] for r in every.rows[1:4]] == [every.rows[0]["correct"]] * 3  # each on all correct ones
+    assert cascade.rows[3]["alone_accuracy"] is None and every.rows[3]["alone_accuracy"] is not None
+    assert sum(r["new_errors"] for r in cascade.rows[1:4]) == cascade.worst_cases[0]["new_errors"]
 
 
-def test_rows_clean_first_worst_case_last(digits, report):
-    model, loader = digits
-    rows = report.rows
-    assert [r["attack"] for r in rows] == ["clean", "fgsm", "pgd", "pgd", "mim", "cw_linf", "pgd", "worst_case"]
-    assert all(r["n"] == 397 and r["accuracy"] == r["correct"] / 397 for r in rows)
-    assert report.clean_accuracy == pytest.approx(clean_accuracy(model, loader, "cpu"))
-    assert report.clean_accuracy > 0.85
-    assert rows[3]["correct"] == rows[0]["correct"]  # pgd at eps 0 is the clean accuracy
-    attacked = [r["correct"] for r in rows[1:-1] if r["eps"] > 0]
-    assert rows[-1]["correct"] <= min(attacked) < rows[0]["correct"]
-    assert rows[-1]["norm"] == "mixed" and rows[-1]["eps"] == 1.0
-    assert rows[6]["steps"] == 10 and rows[6]["restarts"] == 2 and rows[1]["steps"] == 1
+@pytest.mark.slow
+def test_autoattack_le_pgd_le_fgsm_le_clean_and_a_standard_model_falls_to_zero(trained):
+    trainer, _ = trained["pgd_at"]
+    model, (x, y) = trainer.model.eval(), trainer.val.take(96)
+    alone = {name: evaluate_robustness(model, (x, y), [Attack(name, EPS, **kw)], checks=False).robust_accuracy
+             for name, kw in (("fgsm", {}), ("pgd", {"steps": 20}), ("autoattack", {}))}
+    clean = evaluate_robustness(model, (x, y), [], checks=False).clean_accuracy
+    assert alone["autoattack"] <= alone["pgd"] <= alone["fgsm"] <= clean, (alone, clean)
+    assert alone["pgd"] > 0.2  # a robust model: the ordering is not 0 <= 0 <= 0
+    standard = trained["standard"][0].model.eval()
+    report = evaluate_robustness(standard, (x, y), [Attack("autoattack", 0.3)], checks=False)
+    assert [r["attack"] for r in report.rows[1:5]] == ["apgd_ce", "apgd_t", "fab_t", "square"]
+    assert report.clean_accuracy > 0.8 and report.robust_accuracy <= 0.02
 
 
-def test_sanity_checks_pass_on_a_sound_suite(report):
-    assert report.sanity == {"eps0_equals_clean": True, "robust_le_clean": True, "pgd_le_fgsm": True}
-    assert report.sanity_passed and "worst_case" in report.summary()
+class Quantized(nn.Module):
+    """A deliberately masked model: inputs rounded to 4 grey levels first, so every input gradient is zero."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.default_layers = [f"model.{layer}" for layer in model.default_layers]
+
+    def forward(self, x):
+        return self.model(torch.round(x * 3) / 3)
 
 
-def test_arrow_table_has_the_design_schema(report, tmp_path):
-    table = report.to_arrow()
-    assert table.schema.equals(EXPECTED_SCHEMA, check_metadata=False)
-    assert table.num_rows == len(report.rows)
-    assert json.loads(table.schema.metadata[b"sanity"])["checks"] == report.sanity
-    pq.write_table(table, tmp_path / "robust_accuracy.parquet")
-    back = pq.read_table(tmp_path / "robust_accuracy.parquet")
-    assert back.schema.equals(EXPECTED_SCHEMA, check_metadata=False)
-    assert back.column("accuracy").to_pylist() == [r["accuracy"] for r in report.rows]
+def test_masking_checks_pass_on_a_normal_model_and_flag_a_masked_one(trained):
+    trainer, _ = trained["standard"]
+    model, (x, y) = trainer.model.eval(), trainer.val.take(128)
+    suite = [Attack("pgd", EPS, steps=10), Attack("square", EPS, steps=300)]
+    normal = evaluate_robustness(model, (x, y), suite, check_examples=64)
+    assert normal.flags == [], [c.line() for c in normal.checks]
+    masked = evaluate_robustness(Quantized(copy.deepcopy(model)), (x, y), suite, check_examples=64)
+    assert {"large_eps_linf", f"gradient_free_not_stronger_linf_{EPS:g}"} <= set(masked.flags), masked.summary()
+    assert "WARNING" in masked.summary() and masked.metrics()["test/flags"] >= 2
+    table = masked.checks_arrow()
+    assert table.schema.equals(CHECK_SCHEMA) and {"ok", "FLAG"} <= set(table.column("status").to_pylist())
+    assert all(c.detail for c in masked.checks)
 
 
-def test_eps0_check_runs_without_an_eps0_attack_and_max_examples(digits):
-    model, loader = digits
-    report = evaluate_robustness(model, loader, [AttackSpec("fgsm", 0.1)], "cpu", max_examples=150)
-    assert [r["n"] for r in report.rows] == [150, 150, 150]
-    assert report.sanity["eps0_equals_clean"] is True and "pgd_le_fgsm" not in report.sanity
+def _watched_change(model, x, x_adv, layers):
+    with torch.no_grad(), ActivationCapture(model, layers) as capture:
+        model(x)
+        benign = capture.pop()
+        model(x_adv)
+        adv = capture.pop()
+    return sum(float((adv[name] - benign[name]).abs().mean() / benign[name].abs().mean()) for name in layers)
 
 
-def test_a_weak_pgd_fails_the_pgd_le_fgsm_check(digits):
-    model, loader = digits
-    weak = AttackSpec("pgd", 0.1, steps=1, alpha=1e-4)  # a random start and no real step: ~noise
-    report = evaluate_robustness(model, loader, [AttackSpec("fgsm", 0.1), weak], "cpu")
-    assert report.sanity["pgd_le_fgsm"] is False and not report.sanity_passed
-    assert "pgd-linf-eps0.1-s1-r1" in report.messages["pgd_le_fgsm"]
+def test_feature_pgd_moves_the_watched_neurons_more_and_is_not_weaker_on_sns(trained):
+    trainer, _ = trained["sns"]
+    model, (x, y) = trainer.model.eval(), trainer.val.take(160)
+    layers = trainer.objective.watched_layers(model)
+    plain = Attack("pgd", EPS, steps=20)
+    adaptive = Attack("feature_pgd", EPS, steps=20, layers=tuple(layers))
+    x_pgd, x_feat = plain(model, x, y, make_generator(0)), adaptive(model, x, y, make_generator(0))
+    assert _watched_change(model, x, x_feat, layers) > _watched_change(model, x, x_pgd, layers)
+    report = evaluate_robustness(model, (x, y), [plain, adaptive], cascade=False, checks=False)
+    pgd_alone, feature_alone = report.rows[1]["alone_accuracy"], report.rows[2]["alone_accuracy"]
+    assert feature_alone <= pgd_alone + 0.03, (feature_alone, pgd_alone)
 
 
-def test_sanity_large_eps(digits):
-    model, loader = digits
-    passed, message = sanity_large_eps(model, loader, "cpu", max_examples=200)
-    assert passed, message
-
-    class GradientMasked(nn.Module):  # same predictions, zero input gradient: PGD only gets its random start
-        def forward(self, x):
-            return model(x.detach().round() + 0 * x)
-
-    passed, message = sanity_large_eps(GradientMasked(), loader, "cpu", eps=0.2, max_examples=200)
-    assert not passed, message
+def test_threat_model_guards(pgd_at):
+    model, x, y = pgd_at
+    with pytest.raises(ValueError, match="exceeds the diameter"):
+        evaluate_robustness(model, (x, y), [Attack("pgd", 50.0, norm="l2")])
+    with pytest.raises(ValueError, match="must be >= 1"):
+        evaluate_robustness(model, (x, y), [], max_examples=0)
 
 
-def test_attack_spec_validation_and_labels():
-    assert AttackSpec("pgd", 0.3, steps=20).label == "pgd-linf-eps0.3-s20-r1"
-    assert AttackSpec("fgsm", 0.3).steps == 1 and AttackSpec("pgd", 0.3).steps == 10
-    assert AttackSpec("cw_linf", 0.3).params() == {"eps": 0.3, "steps": 30, "restarts": 1}
-    assert default_suite(0.3) == DEFAULT_SUITE_MNIST
-    assert [s.name for s in DEFAULT_SUITE_MNIST] == ["fgsm", "pgd", "mim", "cw_linf"]
-    assert parse_attack_suite([{"name": "pgd", "eps": 0.2, "norm": "l2"}]) == [AttackSpec("pgd", 0.2, norm="l2")]
-    with pytest.raises(ValueError, match="unknown attack 'pgdd'.*Did you mean 'pgd'"):
-        AttackSpec("pgdd", 0.3)
-    for bad in ({"name": "fgsm", "eps": 0.3, "norm": "l2"}, {"name": "fgsm", "eps": 0.3, "restarts": 2},
-                {"name": "mim", "eps": -1.0}, {"name": "pgd", "eps": 0.3, "norm": "l1"},
-                {"name": "pgd", "eps": 0.3, "epsilon": 0.3}):
-        with pytest.raises(ValueError):
-            parse_attack_suite([bad])
+def test_autoattack_expands_into_its_four_stages_once():
+    suite = expand_suite([Attack("apgd_ce", 0.1), Attack("autoattack", 0.1), Attack("pgd", 0.1)])
+    assert [a.name for a in suite] == ["apgd_ce", "apgd_t", "fab_t", "square", "pgd"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ns_core.experiment import build_trainer, load_data
+from ns_core.attacks import Attack
 from ns_core.interpret import (
     ActivationPatch,
     attack_batches,
@@ -18,8 +18,7 @@ from ns_core.interpret import (
 )
 from ns_core.models import create_model
 from ns_core.sensitivity import ActivationCapture, measure_sensitivity
-from ns_core.training import first_examples
-from tests.conftest import tiny_spec
+from orchestrator.run import build_trainer, load_data
 
 
 def mlp() -> nn.Sequential:
@@ -79,18 +78,17 @@ def test_patch_rejects_values_of_the_wrong_shape_and_unknown_layers():
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """A standard LeNet-5 after one epoch on the 4,000 digits (~90% clean), 256 test digits and their PGD twins."""
-    spec = tiny_spec("standard", epochs=1, train_limit=None)
-    spec.train.lr = 3e-3
-    data = load_data(spec)
-    trainer = build_trainer(spec, data=data)
+def trained(make_experiment_module):
+    """A standard LeNet-5 after one epoch on the 3,500 digits (~90% clean), 256 test digits and their PGD twins."""
+    experiment = make_experiment_module("standard", epochs=1, train_limit=None, **{"train.lr": 3e-3})
+    data = load_data(experiment)
+    trainer = build_trainer(experiment, data)
     trainer.fit()
-    model = trainer.model.eval()
-    x, y = first_examples(data.test, 256)
-    x_adv = attack_batches(model, x, y, eps=0.3, steps=5, seed=0)
-    probe_x, probe_y = first_examples(data.train, 256)
-    probe_adv = attack_batches(model, probe_x, probe_y, eps=0.3, steps=5, seed=1)
+    model = trainer.model.eval().to(memory_format=torch.contiguous_format)
+    x, y = data.test.take(256)
+    x_adv = attack_batches(model, x, y, Attack("pgd", 0.3, steps=5), seed=0)
+    probe_x, probe_y = data.train.take(256)
+    probe_adv = attack_batches(model, probe_x, probe_y, Attack("pgd", 0.3, steps=5), seed=1)
     smap = measure_sensitivity(model, [(probe_x, probe_adv)], model.default_layers)
     return model, x, x_adv, y, smap
 
@@ -138,7 +136,7 @@ def test_compare_ranks_a_model_with_halved_activations_lower_in_absolute_terms_o
         scaled.conv2.bias.mul_(0.5)
         scaled.fc1.weight.mul_(2.0)  # ... and fc1 undoes it: the logits do not change
     torch.testing.assert_close(scaled(x), model(x))
-    comparison = compare_models({"unscaled": model, "scaled": scaled}, x[:128], y[:128], eps=0.3, steps=3,
+    comparison = compare_models({"unscaled": model, "scaled": scaled}, x[:128], y[:128], Attack("pgd", 0.3, steps=3),
                                 shared_source=model)
     verdict = {(r["source"], r["layer"], r["model"]): r for r in comparison.verdict_table().to_pylist()}
     for source in ("own", "shared"):

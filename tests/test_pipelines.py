@@ -1,42 +1,28 @@
-"""The pipelines as users run them: --help and --dry-run everywhere, train and evaluate smoke runs in
-subprocesses, and a study interrupted with Ctrl+C (SIGINT) that --resume finishes without duplicate runs."""
+"""The pipelines as users run them: --help and --dry-run everywhere, one-line errors for bad input, train and
+evaluate smoke runs in subprocesses, and a model defined outside nslab trained, studied and evaluated through
+its import path."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import REPO, run_module
 
+from ns_core.evaluation import CHECK_SCHEMA
 from ns_core.evaluation import SCHEMA as EVAL_SCHEMA
 from orchestrator.tracking import Tracker
-from orchestrator.trial import TRIAL_ID_TAG
-from pipelines import cli, evaluate, study, train
-
-REPO = Path(__file__).resolve().parent.parent
+from pipelines import analyze, cli, evaluate, study, train
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "PYTHONPATH": str(REPO)}
-
-
-def _run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@pytest.mark.parametrize("module", [study, train, evaluate])
+@pytest.mark.parametrize("module", [study, train, evaluate, analyze])
 def test_help(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "--dry-run" in out and "--smoke-test" in out and "python -m pipelines." in out
+    assert "python -m pipelines." in out
+    if module is not analyze:
+        assert "--dry-run" in out and "--smoke-test" in out
 
 
 def test_cli_lists_subcommands_and_forwards(capsys):
@@ -48,105 +34,135 @@ def test_cli_lists_subcommands_and_forwards(capsys):
     assert "name: quick" in capsys.readouterr().out
 
 
-def test_dry_runs_validate_and_print_settings(capsys, tmp_path):
+def test_dry_runs_validate_and_print_settings(capsys, tmp_path, trained):
     assert study.main(["--config", str(REPO / "configs/study/quick.yaml"), "--dry-run", "--smoke-test"]) == 0
     out = capsys.readouterr().out
-    assert "trials: 2" in out and "dry run" in out
+    assert "trials: 2" in out and "dry run" in out and "the baseline (pgd_at)" in out and "seeds [1, 2]" in out
     assert train.main(["--config", str(REPO / "configs/experiment/quick.yaml"), "--dry-run",
-                       "--set", "sns.lambda=0.3"]) == 0
+                       "--set", "sns.lambda=0.3", "--runs-dir", str(tmp_path)]) == 0
     assert "lam: 0.3" in capsys.readouterr().out
     assert evaluate.main(["--smoke-test", "--dry-run", "--attacks", "pgd:8/255:10:linf:2"]) == 0
     assert "pgd-linf-eps0.0313725-s3-r2" in capsys.readouterr().out  # 8/255, steps capped at 3
-    assert evaluate.main(["--checkpoint", str(tmp_path / "none.pt"), "--dry-run"]) == 2
-    assert evaluate.main(["--checkpoint", str(tmp_path / "none.pt"), "--attacks", "pgd"]) == 2
+    _, checkpoint = trained["pgd_at"]
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--dry-run", "--attacks", "autoattack:0.15"]) == 0
+    out = capsys.readouterr().out
+    assert "nslab checkpoint v2: lenet5 (pgd_at) on mnist5k" in out and "autoattack-linf-eps0.15" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--checkpoint", "{tmp}/none.pt", "--dry-run"], "does not exist"),
+    (["--checkpoint", "{tmp}", "--dry-run"], "is a directory"),
+    (["--checkpoint", "{tmp}/text.pt", "--dry-run"], "not a PyTorch checkpoint (not a zip archive)"),
+    (["--checkpoint", "{tmp}/cut.pt", "--dry-run"], "is truncated (a write cut short?)"),
+    (["--checkpoint", "{tmp}/plain.pt", "--dry-run"], "not an nslab checkpoint"),
+    (["--checkpoint", "{tmp}/newer.pt", "--dry-run"], "written by a newer nslab (format version 99"),
+    (["--checkpoint", "{ckpt}", "--attacks", "pgd:8/0"], "EPS must be a number or a fraction like 8/255"),
+    (["--checkpoint", "{ckpt}", "--attacks", "pgd:8"], "did you mean 8/255"),
+    (["--checkpoint", "{ckpt}", "--attacks", "pgd:40:10:l2", "--examples", "8"], "exceeds the diameter"),
+    (["--checkpoint", "{ckpt}", "--examples", "0"], "argument --examples: must be >= 1, got 0"),
+    (["--checkpoint", "{ckpt}", "--data-root", "{tmp}", "--set", "x"], "unrecognized arguments: --set x"),
+])
+def test_bad_input_to_evaluate_is_one_line_and_never_suggests_unsafe_loading(args, message, tmp_path, trained, capsys):
+    import torch
+
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    (tmp_path / "cut.pt").write_bytes(trained["pgd_at"][1].read_bytes()[:30000])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    state = torch.load(trained["pgd_at"][1], weights_only=True)
+    torch.save({**state, "version": 99}, tmp_path / "newer.pt")
+    argv = [a.format(tmp=tmp_path, ckpt=trained["pgd_at"][1]) for a in args]
+    argv += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert _exit_code(evaluate.main, argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert "weights_only" not in err and "Traceback" not in err
+
+
+def _exit_code(main, argv) -> int:
+    """A pipeline's exit code, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
 
 
 @pytest.mark.slow
 def test_train_then_evaluate_smoke(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = _run(["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"), "--smoke-test",
-                   "--tracking-uri", uri, "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path)
+    result = run_module(["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"), "--smoke-test",
+                         "--tracking-uri", uri, "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = tmp_path / "runs" / "quick-smoke" / "checkpoint.pt"
     assert checkpoint.is_file()
-    assert "worst_case" in result.stdout and "top-5 neurons" in result.stdout
+    assert "worst_case" in result.stdout and "top-5 neurons" in result.stdout and "masking checks" in result.stdout
     tracker = Tracker(uri, "nslab")
     (run,) = tracker.find_runs("tags.`nslab.kind` = 'train'")
     assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == str(checkpoint)
     artifacts = tracker.list_artifacts(run.info.run_id, "sensitivity")
-    assert {"sensitivity/epoch_001.parquet", "sensitivity/epoch_002.parquet"} <= set(artifacts)
+    assert {"sensitivity/epoch_001.parquet", "sensitivity/epoch_002.parquet", "sensitivity/final_test.parquet"} <= set(
+        artifacts)
+    assert {"test/clean_acc", "test/robust_acc", "test/sensitivity_all"} <= set(run.data.metrics)
 
-    result = _run(["pipelines.evaluate", "--checkpoint", str(checkpoint), "--attacks", "fgsm:0.2", "pgd:0.2:3",
-                   "--examples", "64", "--tracking-uri", uri, "--out", str(tmp_path / "eval")], cwd=tmp_path)
+    result = run_module(["pipelines.evaluate", "--checkpoint", str(checkpoint), "--attacks", "fgsm:0.2", "pgd:0.2:3",
+                         "apgd_ce:0.2:5", "--examples", "64", "--tracking-uri", uri, "--out", str(tmp_path / "eval")],
+                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "gradient-masking checks:" in result.stdout and "large_eps_linf" in result.stdout
     table = pq.read_table(tmp_path / "eval" / "robust_accuracy.parquet")
-    assert table.schema.remove_metadata().equals(EVAL_SCHEMA) and table.column("n").to_pylist() == [64] * 4
+    assert table.schema.equals(EVAL_SCHEMA) and table.column("n").to_pylist() == [64] * 5
+    assert pq.read_table(tmp_path / "eval" / "checks.parquet").schema.equals(CHECK_SCHEMA)
     (evaluation,) = tracker.find_runs("tags.`nslab.kind` = 'evaluate'")
-    assert evaluation.data.tags["source_run_id"] == run.info.run_id
-    assert tracker.read_table(evaluation.info.run_id, "eval/robust_accuracy.parquet").num_rows == 4
+    assert evaluation.data.tags["source_run_id"] == run.info.run_id and evaluation.info.status == "FINISHED"
+    assert tracker.read_table(evaluation.info.run_id, "eval/robust_accuracy.parquet").num_rows == 5
+    assert "eval.flags" in evaluation.data.tags
 
 
 @pytest.mark.slow
 def test_evaluate_smoke_trains_a_throwaway_model(tmp_path, capsys):
     assert evaluate.main(["--smoke-test", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
-    assert "sanity robust_le_clean: ok" in capsys.readouterr().out
+    assert "ok      robust_le_clean" in capsys.readouterr().out
 
 
-def _epochs_reported(ray_dir: Path) -> list[int]:
-    """Per trial directory, how many epoch results Tune has written so far (most first)."""
-    counts = []
-    for results in ray_dir.glob("trial_*/result.json"):
-        try:
-            counts.append(sum(1 for line in results.read_text().splitlines() if line.strip()))
-        except OSError:
-            counts.append(0)
-    return sorted(counts, reverse=True)
+def test_a_failed_train_ends_its_run_failed_with_the_reason(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--config", str(REPO / "configs/experiment/quick.yaml"), "--smoke-test", "--tracking-uri", uri,
+            "--runs-dir", str(tmp_path / "runs"), "--set", "dataset=mnist", "--set", f"data.root={tmp_path}/none"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MNIST not found" in err[0]
+    (run,) = Tracker(uri, "nslab").find_runs("tags.`nslab.kind` = 'train'")
+    assert run.info.status == "FAILED" and "DatasetNotFound" in run.data.tags["failure_reason"]
 
 
 @pytest.mark.slow
-def test_interrupted_study_resumes_to_its_budget_without_duplicate_runs(tmp_path):
-    config = tmp_path / "resume.yaml"
+def test_a_model_defined_outside_nslab_trains_is_studied_and_is_evaluated(tmp_path):
+    """tests/user_models.py: `model: user_models:tiny_mlp` and `dataset: user_models:blobs` by import path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    custom = ["--set", "model=user_models:tiny_mlp", "--set", "dataset=user_models:blobs",
+              "--set", "attack.eps=0.1", "--set", "data.val_size=null", "--set", "data.train_limit=null",
+              "--set", "data.test_limit=null", "--set", "eval.attacks=[{name: pgd, eps: 0.1, steps: 3}]"]
+    result = run_module(["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"), "--smoke-test",
+                         "--tracking-uri", uri, "--runs-dir", str(tmp_path / "runs"), "--name", "mine", *custom],
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "act1" in result.stdout  # its own watched layer
+    result = run_module(["pipelines.evaluate", "--checkpoint", str(tmp_path / "runs/mine/checkpoint.pt"),
+                         "--attacks", "fgsm:0.1", "apgd_ce:0.1:5", "--tracking-uri", uri], cwd=tmp_path)
+    assert result.returncode == 0 and "user_models:tiny_mlp" in result.stdout, result.stderr[-3000:]
+    config = tmp_path / "mine.yaml"
     config.write_text(yaml.safe_dump({
         "base": str(REPO / "configs/study/tiny.yaml"),
-        "study": {"trials": 3, "concurrency": 1},
-        "experiment": {"sns": {"warmup_epochs": 1}, "train": {"epochs": 3, "collapse_patience": 5}},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test-resume"},
-        "storage": {"ray": str(tmp_path / "ray")}}))
-    command = [sys.executable, "-m", "pipelines.study", "--config", str(config), "--name", "resumable"]
-    first = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
-    ray_dir = tmp_path / "ray" / "resumable"
-    deadline = time.time() + 240
-    try:  # Ctrl+C once the first trial is done and the second has a checkpoint (mid-training)
-        while time.time() < deadline and first.poll() is None:
-            counts = _epochs_reported(ray_dir)
-            if len(counts) >= 2 and counts[0] >= 3 and counts[1] >= 1:
-                break
-            time.sleep(0.2)
-        assert first.poll() is None, "the study finished before it could be interrupted"
-        first.send_signal(signal.SIGINT)
-        output, _ = first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 130, output[-3000:]
-    assert "--resume" in output
-
-    second = _run([*command[2:], "--resume"], cwd=tmp_path)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "test-resume")
-    (parent,) = tracker.find_runs("tags.`nslab.kind` = 'study'")
-    assert parent.info.status == "FINISHED"
-    children = tracker.children(parent.info.run_id)
-    trial_ids = [c.data.tags[TRIAL_ID_TAG] for c in children]
-    assert len(trial_ids) == 3 == len(set(trial_ids)), trial_ids  # one run per trial, none duplicated
-    resumed = [c for c in children if "nslab.resumed_from_epoch" in c.data.tags]
-    assert resumed, "no trial continued from its checkpoint"  # the interrupted one reopened its own run
-    for child in children:
-        assert child.info.status == "FINISHED"
-        steps = {m.step for m in tracker.client.get_metric_history(child.info.run_id, "robust_acc")}
-        assert steps == {1, 2, 3}
-    trials = tracker.read_table(parent.info.run_id, "study/trials.parquet")
-    assert trials.column("status").to_pylist() == ["TERMINATED"] * 3
-    assert sorted(trials.column("trial_id").to_pylist()) == sorted(trial_ids)
+        "study": {"trials": 2}, "confirm": None,
+        "experiment": {"model": "user_models:tiny_mlp", "dataset": "user_models:blobs", "attack": {
+            "name": "pgd", "eps": 0.1, "steps": 2}, "data": {"train_limit": None, "test_limit": None, "val_size": None},
+            "eval": {"attacks": [{"name": "pgd", "eps": 0.1, "steps": 2}]}},
+        "search_space": {"sns.lam": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
+                         "sns.fraction": {"type": "float", "low": 0.1, "high": 0.5}},
+        "tracking": {"uri": uri, "experiment": "mine"}, "storage": {"ray": str(tmp_path / "ray")}}))
+    result = run_module(["pipelines.study", "--config", str(config), "--name", "mine"], cwd=tmp_path, timeout=400)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    runs = Tracker(uri, "mine").find_runs("tags.`nslab.kind` = 'trial'")
+    assert len(runs) >= 3 and all(r.data.params["model"] == "user_models:tiny_mlp" for r in runs
+                                  if r.data.tags["nslab.role"] != "warmup")
+    assert all(r.info.status == "FINISHED" for r in runs)

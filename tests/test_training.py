@@ -1,88 +1,142 @@
-"""Trainer: seeding, checkpoint resume, divergence and collapse errors, callbacks, and that PGD-AT works."""
+"""Trainer: seeding, resume and fork equal to uninterrupted training, divergence and collapse errors, the
+validation split (never the test split), memory formats that change nothing, and that PGD-AT works."""
 
 import math
 
 import pytest
 import torch
 
+from ns_core import performance
 from ns_core.attacks import pgd
-from ns_core.data import load_dataset
-from ns_core.experiment import ExperimentSpec, build_trainer, load_model, run_experiment
+from ns_core.checkpoint import load_checkpoint, load_model
+from ns_core.data import Split, load_dataset
 from ns_core.objectives import TrainingCollapsed
 from ns_core.training import TrainConfig, TrainingDiverged
 from ns_core.utils import make_generator
+from orchestrator.config import apply_overrides
+from orchestrator.run import build_trainer, load_data
 
 
 def weights(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_same_seed_same_result_and_another_seed_differs(make_spec):
-    runs = [build_trainer(make_spec("sns", epochs=2, warmup_epochs=1, lam=0.1)) for _ in range(2)]
+def no_time(history):
+    return [{k: v for k, v in e.items() if not k.startswith("time/")} for e in history]
+
+
+def test_same_seed_same_result_and_another_seed_differs(make_experiment):
+    experiment = make_experiment("sns", epochs=2, **{"sns.lam": 0.1})
+    runs = [build_trainer(experiment) for _ in range(2)]
     histories = [trainer.fit() for trainer in runs]
     assert torch.equal(weights(runs[0].model), weights(runs[1].model))
-    drop_time = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
-    assert drop_time(histories[0]) == drop_time(histories[1])
-    other = make_spec("sns", epochs=2, warmup_epochs=1, lam=0.1)
-    other.train.seed = 1
-    assert not torch.equal(weights(build_trainer(other).model), weights(runs[0].model))
+    assert no_time(histories[0]) == no_time(histories[1])
+    other = build_trainer(apply_overrides(experiment, {"train.seed": 1}))
+    assert not torch.equal(weights(other.model), weights(runs[0].model))
 
 
-def test_callback_gets_every_epoch_with_the_documented_metrics(make_spec):
+def test_callback_gets_every_epoch_with_the_documented_metrics(make_experiment):
     seen = []
-    trainer = build_trainer(make_spec("sns", epochs=2, warmup_epochs=1, lam=0.1),
-                            callbacks=[lambda metrics, tr: seen.append((metrics, tr.epoch))])
+    trainer = build_trainer(make_experiment("sns", epochs=2, **{"sns.lam": 0.1}))
+    trainer.callbacks.append(lambda metrics, tr: seen.append((metrics, tr.epoch)))
     trainer.fit()
     assert [epoch for _, epoch in seen] == [1, 2]
-    keys = {"epoch", "train_loss", "train_ce_adv", "lr", "epoch_seconds", "clean_acc", "robust_acc",
-            "sensitivity_all", "sensitivity_selected", "relative_sensitivity_all"}
+    keys = {"epoch", "train/loss", "train/ce_adv", "train/lr", "time/epoch_seconds", "val/clean_acc",
+            "val/robust_acc", "val/sensitivity_all", "val/sensitivity_selected", "val/relative_sensitivity_all"}
     assert keys <= set(seen[0][0])
-    assert "train_sns_reg" not in seen[0][0] and "train_sns_reg" in seen[1][0]  # warm-up, then SNS
-    assert seen[1][0]["sensitivity_selected"] >= seen[1][0]["sensitivity_all"]
-    assert all(0.0 <= m["robust_acc"] <= m["clean_acc"] + 0.05 for m, _ in seen)
+    assert "train/sns_reg" not in seen[0][0] and "train/sns_reg" in seen[1][0]  # warm-up, then SNS
+    assert seen[1][0]["val/sensitivity_selected"] >= seen[1][0]["val/sensitivity_all"]
+    assert all(0.0 <= m["val/robust_acc"] <= m["val/clean_acc"] + 0.05 for m, _ in seen)
 
 
-def test_checkpoint_resume_equals_uninterrupted_training(make_spec, tmp_path):
-    straight = build_trainer(make_spec("sns", epochs=2, warmup_epochs=1, lam=0.1))
+class Untouchable(Split):
+    """A test split that fails the test the moment anything reads it."""
+
+    def __getattribute__(self, name):
+        if name in ("take", "batches", "images", "to", "subset", "x", "y"):
+            raise AssertionError(f"the test split was read ({name}) during training or validation")
+        return super().__getattribute__(name)
+
+
+def test_training_and_validation_never_read_the_test_split(make_experiment):
+    experiment = make_experiment("sns", epochs=2, **{"sns.lam": 0.1})
+    data = load_data(experiment)
+    test = Split(data.test.x, data.test.y)
+    object.__setattr__(test, "__class__", Untouchable)  # armed after construction (Split checks x and y)
+    trapped = type(data)(data.name, data.train, data.val, test, data.num_classes)
+    trainer = build_trainer(experiment, trapped)
+    trainer.fit()
+    assert trainer.epoch == 2 and len(trainer.val) == 64
+
+
+def test_checkpoint_resume_equals_uninterrupted_training(make_experiment, tmp_path):
+    experiment = make_experiment("sns", epochs=2, **{"sns.lam": 0.1})
+    straight = build_trainer(experiment)
     straight.fit()
-
-    first = build_trainer(make_spec("sns", epochs=2, warmup_epochs=1, lam=0.1))
-    first.config.epochs = 1
-    first.fit()
-    path = first.save_checkpoint(tmp_path / "ckpt.pt")
-    resumed = build_trainer(make_spec("sns", epochs=2, warmup_epochs=1, lam=0.1))
-    resumed.load_checkpoint(path)
+    first = build_trainer(experiment)
+    first.fit(until=1)
+    first.save_checkpoint(tmp_path / "ckpt.pt")
+    resumed = build_trainer(experiment)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt.pt"))
     assert resumed.epoch == 1 and len(resumed.history) == 1
     resumed.fit()
-    assert torch.allclose(weights(resumed.model), weights(straight.model), atol=1e-6)
-    assert resumed.history[-1]["robust_acc"] == pytest.approx(straight.history[-1]["robust_acc"], abs=1e-6)
+    assert torch.equal(weights(resumed.model), weights(straight.model))
+    assert no_time(resumed.history) == no_time(straight.history)
 
 
-def test_load_model_rebuilds_the_network_from_a_checkpoint(make_spec, tmp_path):
-    trainer = build_trainer(make_spec("standard", epochs=1))
+def test_a_fork_of_the_base_methods_warmup_ends_with_the_weights_of_a_run_from_scratch(make_experiment):
+    """Shared warm-ups: SNS after w epochs of PGD-AT (forked from a PGD-AT run's state) is bit for bit SNS
+    trained from scratch with warm-up w."""
+    sns = make_experiment("sns", epochs=3, **{"sns.lam": 0.3, "sns.warmup_epochs": 2})
+    scratch = build_trainer(sns)
+    scratch.fit()
+    base = build_trainer(apply_overrides(sns, {"method": "pgd_at"}))
+    base.fit(until=2)
+    fork = build_trainer(sns)
+    fork.load_state_dict(base.state_dict())
+    fork.fit()
+    assert torch.equal(weights(fork.model), weights(scratch.model))
+    assert fork.history[-1]["train/sns_reg"] == scratch.history[-1]["train/sns_reg"]
+
+
+def test_memory_format_changes_speed_not_results(make_experiment, monkeypatch):
+    experiment = make_experiment("pgd_at", epochs=1)
+    results = {}
+    for fmt in ("contiguous", "channels_last"):
+        monkeypatch.setenv("NSLAB_MEMORY_FORMAT", fmt)
+        trainer = build_trainer(experiment)
+        assert trainer.memory_format == performance.FORMATS[fmt]
+        trainer.fit()
+        results[fmt] = (weights(trainer.model), trainer.history[-1])
+    torch.testing.assert_close(results["contiguous"][0], results["channels_last"][0], rtol=0, atol=1e-4)
+    for key in ("val/clean_acc", "val/robust_acc"):
+        assert results["contiguous"][1][key] == pytest.approx(results["channels_last"][1][key], abs=0.02)
+
+
+def test_load_model_rebuilds_the_network_from_a_checkpoint(make_experiment, tmp_path):
+    trainer = build_trainer(make_experiment("standard", epochs=1))
     trainer.fit()
-    path = trainer.save_checkpoint(tmp_path / "m.pt")
-    model, meta = load_model(path, device="cpu")
-    x = trainer.val[0][:16]
+    trainer.save_checkpoint(tmp_path / "m.pt")
+    model, meta = load_model(tmp_path / "m.pt", device="cpu")
+    x = trainer.val.take(16)[0]
     trainer.model.eval()
-    assert torch.equal(model(x), trainer.model(x))
+    torch.testing.assert_close(model(x), trainer.model(x))
     assert meta["model"] == "lenet5" and meta["dataset"] == "mnist5k" and meta["num_classes"] == 10
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_model(tmp_path / "missing.pt")
+    assert meta["config"]["method"] == "standard"
 
 
-def test_nan_loss_raises_training_diverged(make_spec):
-    spec = make_spec("pgd_at", epochs=1)
-    spec.train = TrainConfig(**{**spec.train.__dict__, "optimizer": "sgd", "lr": 1e12, "momentum": 0.0})
+def test_nan_loss_raises_training_diverged(make_experiment):
+    experiment = make_experiment("pgd_at", epochs=1, **{"train.optimizer": "sgd", "train.lr": 1e12,
+                                                        "train.momentum": 0.0})
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
-        build_trainer(spec).fit()
+        build_trainer(experiment).fit()
 
 
-def test_sns_at_chance_after_warmup_raises_training_collapsed(make_spec):
-    spec = make_spec("sns", epochs=4, warmup_epochs=0, lam=1e4, fraction=1.0)
-    spec.train.collapse_patience = 1
+def test_sns_at_chance_after_warmup_raises_training_collapsed(make_experiment):
+    experiment = make_experiment("sns", epochs=4, **{"sns.warmup_epochs": 0, "sns.lam": 1e4, "sns.fraction": 1.0,
+                                                     "sns.collapse_patience": 1})
     with pytest.raises(TrainingCollapsed, match="lower sns.lambda"):
-        build_trainer(spec).fit()
+        build_trainer(experiment).fit()
 
 
 def test_bad_train_config_is_a_clear_error():
@@ -93,16 +147,16 @@ def test_bad_train_config_is_a_clear_error():
 
 
 @pytest.mark.slow
-def test_pgd_at_is_clearly_more_robust_than_standard_training_on_mnist5k():
+def test_pgd_at_is_clearly_more_robust_than_standard_training_on_mnist5k(make_experiment):
     """The claim every robustness tool must reproduce: PGD-AT beats standard training under PGD."""
     data = load_dataset("mnist5k")
-    x_test, y_test = data.test.tensors[0][:500], data.test.tensors[1][:500]
+    x_test, y_test = data.test.take(500)
     robust = {}
-    for method, params in [("standard", {}), ("pgd_at", {"eps": 0.2, "steps": 7})]:
-        spec = ExperimentSpec(method=method, method_params=params, train=TrainConfig(
-            epochs=4, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, val_size=64, val_steps=2,
-            progress=False))
-        model = run_experiment(spec, data=data).trainer.model.eval()
+    for method in ("standard", "pgd_at"):
+        experiment = make_experiment(method, epochs=4, train_limit=None, **{"attack.steps": 7})
+        trainer = build_trainer(experiment)
+        trainer.fit()
+        model = trainer.model.eval()
         x_adv = pgd(model, x_test, y_test, eps=0.2, steps=20, generator=make_generator(0, "cpu"))
         with torch.no_grad():
             robust[method] = float((model(x_adv).argmax(1) == y_test).float().mean())

@@ -7,8 +7,9 @@ experiment, reads every child (trial) run's last metrics, and shows:
 - the per-neuron sensitivity maps of the best and the worst trial (by robust accuracy) side by side;
 - the clean vs robust Pareto front (the study's own study/pareto.parquet when it has one).
 
-"Final" means the last epoch's validation metrics: robust_acc and sensitivity_all are measured on the
-same PGD pairs (ns_core.training.Trainer.validate), so they pair up exactly.
+"Final" means the last epoch's validation metrics (val/*): robust_acc and sensitivity_all are measured on
+the same PGD pairs (ns_core.training.Trainer.validate), so they pair up exactly. Only the search trials
+and the baseline are read; confirmation runs (test split) are the study's own report.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import math
 import pyarrow as pa
 from scipy.stats import spearmanr
 
-from orchestrator.analysis_report import ReportWriter
-from orchestrator.report_plots import pareto_figure, study_maps_figure, study_scatter_figure
+from analyses.plots import study_maps_figure, study_scatter_figure
+from analyses.report import ReportWriter
+from orchestrator.plots import pareto_figure
+from orchestrator.study import STUDY_TAG
 from orchestrator.tracking import PARENT_TAG, Tracker, git_commit
+from orchestrator.trial import ROLE_TAG
 
 log = logging.getLogger(__name__)
-STUDY_TAG = "nslab.study"
 SENSITIVITIES = ("sensitivity_all", "relative_sensitivity_all")
-METRICS = ("robust_acc", "clean_acc", "sensitivity_all", "sensitivity_selected", "relative_sensitivity_all",
-           "test_clean_acc", "test_worst_case_acc")
+METRICS = ("robust_acc", "clean_acc", "sensitivity_all", "sensitivity_selected", "relative_sensitivity_all")
 
 
 def find_study(tracker: Tracker, name: str):
@@ -54,10 +56,13 @@ def find_study(tracker: Tracker, name: str):
 def trial_rows(tracker: Tracker, parent) -> list[dict]:
     rows = []
     for run in tracker.children(parent.info.run_id):
+        if run.data.tags.get(ROLE_TAG, "search") not in ("search", "baseline"):
+            continue
         metrics = run.data.metrics
         rows.append({"trial": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
+                     "role": run.data.tags.get(ROLE_TAG, "search"),
                      "failure_reason": run.data.tags.get("failure_reason", ""),
-                     **{m: metrics.get(m) for m in METRICS}})
+                     **{m: metrics.get(f"val/{m}") for m in METRICS}})
     return rows
 
 
@@ -97,8 +102,8 @@ def study_subtitle(parent, name: str, trials: int, experiment: str) -> str:
     """Dataset / model / validation attack from the study's logged config (flattened experiment.* params)."""
     p = parent.data.params
     what = "/".join(v for v in (p.get("experiment.dataset"), p.get("experiment.model")) if v)
-    attack = (f"PGD-{p['experiment.train.val_steps']} Linf eps {p['experiment.train.val_eps']}"
-              if "experiment.train.val_eps" in p and "experiment.train.val_steps" in p else "PGD")
+    attack = (f"the validation attack (eps {p['experiment.attack.eps']})" if "experiment.attack.eps" in p
+              else "the validation attack")
     return (f"study {name!r} ({trials} trials, MLflow experiment {experiment}){'; ' + what if what else ''}; "
             f"robust = last-epoch validation accuracy under {attack}")
 
@@ -136,7 +141,11 @@ def study_report(source: Tracker, name: str, writer: ReportWriter) -> str:
              for (k, subset), v in rho.items()]), "study_report/correlation.parquet")
         writer.figure(report, study_scatter_figure(rows, rho, subtitle),
                       "plots/robust_vs_sensitivity.png")
-        writer.figure(report, pareto_figure(rows, f"{subtitle}\nPareto front: {front_source}"), "plots/pareto.png")
+        search = [r for r in rows if r["role"] == "search"]
+        writer.figure(report, pareto_figure(search, [("robust_acc", "max"), ("clean_acc", "max")],
+                                            [r["on_front"] for r in search],
+                                            reference=next((r for r in rows if r["role"] == "baseline"), None),
+                                            title=f"Pareto front: {front_source}"), "plots/pareto.png")
         maps = {}
         picked = pick_best_worst(source, ranked)
         for role, row, table in picked:

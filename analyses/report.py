@@ -110,6 +110,24 @@ class ReportWriter:
             figure.savefig(target, dpi=FIGURE_DPI, bbox_inches="tight")
             self.files.append(target)
 
+    def text(self, run: RunRef, text: str, path: str) -> None:
+        if self.tracker is not None and run.run_id is not None:
+            self.tracker.log_text(run.run_id, text, path)
+        if run.folder is not None:
+            target = run.folder / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            self.files.append(target)
+
+    def tracking_uri(self) -> str:
+        """The MLflow store (trainings that log their own runs need one)."""
+        if self.tracker is None:
+            raise ValueError("this analysis trains models that log to MLflow: pass a real --tracking-uri, not 'none'")
+        return self.tracker.tracking_uri
+
+    def experiment_name(self) -> str:
+        return self.tracker.experiment if self.tracker is not None else ""
+
     def metrics(self, run: RunRef, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self.tracker is not None and run.run_id is not None:
             self.tracker.log_metrics(run.run_id, metrics, step=step)

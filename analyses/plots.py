@@ -1,4 +1,5 @@
 """The analysis reports' figures: matplotlib `Figure` objects (Agg, no pyplot state), one per function.
+(The study's own plots, the Pareto front among them, are in orchestrator/plots.py.)
 
 Every figure says what it compares in its title, names dataset / model / attack in a second title
 line, labels its axes with units, and has a legend. Accuracies are drawn in percent.
@@ -254,25 +255,4 @@ def study_maps_figure(maps: dict[str, list[dict]], subtitle: str) -> Figure:
     fig.legend(handles=[Patch(color="tab:red", label="selected (sensitive set)"),
                         Patch(color="tab:gray", label="not selected")], loc="outside lower center", ncol=2)
     _title(fig, f"Neuron sensitivity maps, side by side: {' vs '.join(names)}", subtitle)
-    return fig
-
-
-def pareto_figure(trials: list[dict], subtitle: str) -> Figure:
-    """Clean vs robust accuracy of every trial with the Pareto front (higher is better on both)."""
-    fig = Figure(figsize=(8.5, 5.6), layout="constrained")
-    ax = fig.subplots()
-    pts = [r for r in trials if r.get("clean_acc") is not None and r.get("robust_acc") is not None]
-    front = sorted((r for r in pts if r["on_front"]), key=lambda r: r["clean_acc"])
-    rest = [r for r in pts if not r["on_front"]]
-    ax.scatter([100 * r["clean_acc"] for r in rest], [100 * r["robust_acc"] for r in rest], color="tab:gray",
-               label="trial", s=30)
-    ax.plot([100 * r["clean_acc"] for r in front], [100 * r["robust_acc"] for r in front], color="tab:red",
-            marker="o", label="Pareto front", drawstyle="steps-pre")
-    for r in front:
-        ax.annotate(r["trial"], (100 * r["clean_acc"], 100 * r["robust_acc"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("final clean accuracy (%)")
-    ax.set_ylabel("final robust accuracy (%)")
-    ax.legend()
-    _title(fig, "Study trials: clean vs robust accuracy and the Pareto front", subtitle)
     return fig

@@ -1,0 +1,141 @@
+"""nslab checkpoints: state_dicts plus JSON-able metadata, written atomically, read with clear one-line errors.
+
+    save_checkpoint(trainer.state_dict(), "runs/quick/checkpoint.pt")   # keeps the previous one as .prev.pt
+    state = load_checkpoint("runs/quick/checkpoint.pt")                 # CheckpointError names the fix
+    model, metadata = load_model("runs/quick/checkpoint.pt")            # the network, rebuilt from the file alone
+
+Files are read with `torch.load(weights_only=True)`: a checkpoint never runs code. A file that is not a
+checkpoint, is cut short, is corrupt, comes from a newer nslab, or holds a model that does not fit its own
+metadata is a `CheckpointError` (a ValueError) in one line that says what to do; never a traceback, and
+never advice to load unsafely. A write goes to a temporary file first and replaces the target in one
+rename, and the file it replaces is kept as `<name>.prev.pt`, so a crash mid-write loses nothing and a
+file damaged later still has a good predecessor (`load_checkpoint(..., fallback=True)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ns_core.models import create_model
+from ns_core.utils import pick_device
+
+log = logging.getLogger(__name__)
+FORMAT = "nslab-checkpoint"
+VERSION = 2  # bump when the layout changes; a newer file is refused with an upgrade hint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; str() is one line that names the file and the fix."""
+
+
+def previous_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write `state` (tagged with the format and version) to `path` atomically, keeping the old file as .prev."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
+    if path.exists():
+        os.replace(path, previous_path(path))
+    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+    return path
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", fallback: bool = False) -> dict[str, Any]:
+    """The state saved at `path`, tensors on `device`. With `fallback`, a damaged file gives way to the
+    previous good one (<name>.prev.pt) with a warning; otherwise any problem is a one-line CheckpointError."""
+    try:
+        return _load(Path(path), device)
+    except CheckpointError as err:
+        previous = previous_path(path)
+        if not fallback or not previous.is_file():
+            raise
+        log.warning("%s; using the previous checkpoint %s", err, previous)
+        return _load(previous, device)
+
+
+def _load(path: Path, device: torch.device | str) -> dict[str, Any]:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass the .pt file inside it "
+                              "(e.g. runs/<name>/checkpoint.pt)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the .pt file a training run saved "
+                              "(runs/<name>/checkpoint.pt, or a study trial's)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (a write that never finished); re-run the training")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, IndexError, KeyError,
+            ValueError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_reason(path, err)}; re-run the training "
+                              "or point at another checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a PyTorch file but not an nslab checkpoint (no nslab header); pass a "
+                              "file that pipelines.train, a study trial or analyze methods saved")
+    version = state.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointError(f"checkpoint {path} was written by a newer nslab (format version {version}, this "
+                              f"one reads up to {VERSION}); upgrade nslab to read it")
+    for key in ("model", "metadata"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} has no {key!r} entry; it is damaged, re-run the training")
+    return state
+
+
+def _reason(path: Path, err: BaseException) -> str:
+    """Why torch could not read the file, in words (torch's own messages run to pages)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        return "it is not a PyTorch checkpoint (not a zip archive)"
+    if not zipfile.is_zipfile(path):  # a zip without its closing directory: the end of the file is missing
+        return "the file is truncated (a write cut short?)"
+    return f"the file is corrupt ({type(err).__name__})"
+
+
+def checkpoint_summary(state: dict[str, Any]) -> str:
+    """One line describing a loaded checkpoint (for --dry-run)."""
+    meta = state["metadata"]
+    return (f"nslab checkpoint v{state['version']}: {meta.get('model')} ({meta.get('method')}) on "
+            f"{meta.get('dataset')}, input {tuple(meta.get('input_shape', ()))}, {meta.get('num_classes')} classes, "
+            f"{state.get('epoch', '?')} epoch(s)")
+
+
+def load_model(path: str | Path, device: str = "auto", fallback: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved in a checkpoint; returns (model in eval mode on `device`, metadata)."""
+    target = pick_device(device)
+    state = load_checkpoint(path, target, fallback=fallback)
+    meta = state["metadata"]
+    try:
+        model = create_model(meta["model"], input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: its metadata lacks {err}; it is damaged, re-run the "
+                              "training") from None
+    missing, unexpected = _state_mismatch(model, state["model"])
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit a {meta['model']} for input "
+                              f"{tuple(meta['input_shape'])} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                              "was it saved by another version of the model code?")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit a {meta['model']} ({first})") from None
+    return model.to(target).eval(), meta
+
+
+def _state_mismatch(model: nn.Module, weights: dict[str, Any]) -> tuple[list[str], list[str]]:
+    expected = set(model.state_dict())
+    return sorted(expected - set(weights)), sorted(set(weights) - expected)

@@ -1,0 +1,170 @@
+"""The experiment config: one training run as typed YAML blocks (configs/experiment/*.yaml).
+
+    experiment = load_config("configs/experiment/quick.yaml", ExperimentConfig)
+    objective = experiment.objective()          # ns_core objective from `method` and the blocks it takes
+    train = experiment.train_config()           # ns_core TrainConfig
+    suite = experiment.final_suite()            # the final evaluation's attacks (ns_core Attack)
+
+Blocks: `attack` (the training attack, an ns_core Attack), `sns`, `trades`, `train`, `eval`, `data`. A
+method takes what its factory asks for (`attack`, `beta` from `trades`, the `sns` fields), so no block
+is mapped by hand per method. Studies and analyses are built from these same blocks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ns_core.attacks import Attack
+from ns_core.data import DATASETS
+from ns_core.models import MODELS
+from ns_core.objectives import OBJECTIVES, SNS_BASES, Objective, create_objective, objective_arguments
+from ns_core.training import TrainConfig
+from orchestrator.config import Strict, apply_overrides, registered
+
+_TC = TrainConfig()
+_TRAIN_FIELDS = inspect.signature(TrainConfig).parameters
+
+
+class SNSBlock(Strict):
+    lam: float = Field(0.1, ge=0, alias="lambda")
+    fraction: float = Field(0.1, gt=0, le=1)
+    layers: list[str] | None = None  # None: the model's default layers
+    distance: Literal["l1", "l2", "cosine", "relative"] = "l1"
+    warmup_epochs: int = Field(1, ge=0)
+    reselect_every: int = Field(1, ge=1)
+    base: Literal[SNS_BASES] = "pgd_at"
+    collapse_patience: int = Field(2, ge=1)
+
+
+class TradesBlock(Strict):
+    beta: float = Field(6.0, ge=0)
+
+
+class TrainBlock(Strict):
+    """ns_core.training.TrainConfig's fields, with its defaults; val_attack None: PGD-10 at the training
+    attack's norm and eps."""
+
+    epochs: int = Field(_TC.epochs, ge=1)
+    batch_size: int = Field(_TC.batch_size, ge=1)
+    optimizer: Literal["sgd", "adam"] = _TC.optimizer
+    lr: float = Field(_TC.lr, gt=0)
+    momentum: float = Field(_TC.momentum, ge=0)
+    weight_decay: float = Field(_TC.weight_decay, ge=0)
+    schedule: Literal["constant", "piecewise", "cosine"] = _TC.schedule
+    milestones: list[float] = Field(default_factory=lambda: list(_TC.milestones))
+    gamma: float = Field(_TC.gamma, gt=0)
+    seed: int = _TC.seed
+    device: str = Field(_TC.device, pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    amp: bool = _TC.amp
+    val_attack: Attack | None = None
+    val_batch_size: int = Field(_TC.val_batch_size, ge=1)
+    probe_size: int = Field(_TC.probe_size, ge=1)
+    sensitivity_fraction: float = Field(_TC.sensitivity_fraction, gt=0, le=1)
+    progress: bool | None = False
+
+
+class EvalBlock(Strict):
+    """The final evaluation on the test split. attacks None: FGSM, PGD-20, feature_pgd (SNS models) and
+    AutoAttack at the training attack's norm and eps."""
+
+    attacks: list[Attack] | None = Field(None, min_length=1)
+    examples: int | None = Field(None, ge=1)  # None: the whole test split
+    cascade: bool = True  # each attack only on the examples still standing (as AutoAttack runs)
+    check_examples: int = Field(256, ge=1)  # examples the gradient-masking checks use
+    sensitivity_examples: int = Field(500, ge=1)  # test images of the final sensitivity map
+
+
+class DataBlock(Strict):
+    root: str | None = None
+    download: bool = False
+    val_size: int | None = Field(None, ge=1)  # None: the dataset's own (mnist5k: 500 of its 4,000)
+    data_seed: int = 0  # picks the validation split; stays fixed when train.seed changes
+    train_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+
+
+class ExperimentConfig(Strict):
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
+    dataset: str = "mnist5k"
+    model: str = "lenet5"
+    method: str = "sns"
+    attack: Attack = Field(default_factory=lambda: Attack("pgd", 0.3, steps=10))
+    sns: SNSBlock = Field(default_factory=SNSBlock)
+    trades: TradesBlock = Field(default_factory=TradesBlock)
+    train: TrainBlock = Field(default_factory=TrainBlock)
+    eval: EvalBlock = Field(default_factory=EvalBlock)
+    data: DataBlock = Field(default_factory=DataBlock)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, name: str) -> str:
+        return registered(DATASETS, name)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, name: str) -> str:
+        return registered(MODELS, name)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, name: str) -> str:
+        return registered(OBJECTIVES, name)
+
+    @model_validator(mode="after")
+    def _builds(self) -> ExperimentConfig:
+        self.objective()  # the objective's own checks, before anything runs
+        return self
+
+    def objective_params(self) -> dict[str, Any]:
+        """The keyword arguments of the method's factory, taken from the blocks by name."""
+        available = {"attack": self.attack, "beta": self.trades.beta, **self.sns.model_dump()}
+        return {name: available[name] for name in objective_arguments(self.method) if name in available}
+
+    def objective(self) -> Objective:
+        return create_objective(self.method, **self.objective_params())
+
+    @property
+    def base_method(self) -> str:
+        """The method an SNS run stands on (its warm-up and its natural baseline); the method itself otherwise."""
+        return self.sns.base if self.method == "sns" else self.method
+
+    def val_attack(self) -> Attack:
+        return self.train.val_attack or Attack("pgd", self.attack.eps, norm=self.attack.norm, steps=10)
+
+    def train_config(self) -> TrainConfig:
+        values = self.train.model_dump(exclude={"val_attack"})
+        return TrainConfig(**{k: v for k, v in values.items() if k in _TRAIN_FIELDS}, val_attack=self.val_attack())
+
+    def final_suite(self) -> list[Attack]:
+        if self.eval.attacks is not None:
+            return list(self.eval.attacks)
+        eps, norm = self.attack.eps, self.attack.norm
+        suite = [Attack("fgsm", eps)] if norm == "linf" else []
+        suite.append(Attack("pgd", eps, norm=norm, steps=20))
+        if self.method == "sns":
+            suite.append(Attack("feature_pgd", eps, norm=norm, steps=20, layers=tuple(self.sns.layers or ()) or None))
+        return [*suite, Attack("autoattack", eps, norm=norm)]
+
+
+def smoke_experiment(experiment: ExperimentConfig) -> ExperimentConfig:
+    """The same experiment at a seconds-long budget (every pipeline's --smoke-test; the tests run it): two
+    epochs (one of warm-up) on 256 training images, 2-step attacks, the first two final attacks at 3 steps
+    (AutoAttack swapped for its APGD-CE stage) on 64 test images."""
+    suite = []
+    for attack in experiment.final_suite()[:2]:
+        if attack.name == "autoattack":
+            attack = Attack("apgd_ce", attack.eps, norm=attack.norm)
+        takes_steps = attack.steps_used > 1
+        suite.append(attack.replace(steps=min(attack.steps_used, 3) if takes_steps else attack.steps, restarts=1))
+    return apply_overrides(experiment, {
+        "train.epochs": min(experiment.train.epochs, 1 if experiment.sns.warmup_epochs == 0 else 2),
+        "train.probe_size": 64, "train.val_attack": experiment.val_attack().replace(steps=2),
+        "attack.steps": min(experiment.attack.steps_used, 2) if experiment.attack.steps_used > 1 else None,
+        "data.val_size": 64, "data.train_limit": min(experiment.data.train_limit or 256, 256),
+        "data.test_limit": min(experiment.data.test_limit or 128, 128), "eval.examples": 64,
+        "eval.check_examples": 32, "eval.sensitivity_examples": 64, "eval.attacks": suite,
+        "sns.warmup_epochs": min(experiment.sns.warmup_epochs, 1),
+    })

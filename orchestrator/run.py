@@ -1,0 +1,210 @@
+"""The one run path: build, resume, train, evaluate and record one experiment in its MLflow run.
+
+    result = run_experiment(config, tracker, run_id, state=None, on_epoch=save_or_report)
+
+A study trial, `pipelines.train` and the methods analysis all call `run_experiment`; they differ only in
+where the MLflow run comes from and what `on_epoch` does with each epoch (a Tune report, a checkpoint
+file). The run path:
+
+1. builds data, model and objective through the registries (seeded);
+2. resumes from `state` (a Trainer state_dict: a checkpoint, or a shared warm-up to fork from) and logs
+   only the epochs its MLflow run does not hold yet, so a resumed or forked run has one complete,
+   duplicate-free history;
+3. trains; every epoch logs its metrics and a sensitivity table, then hands them to `on_epoch`;
+4. after the last epoch, evaluates the final model on the test split with the final attack suite
+   (eval/robust_accuracy.parquet, eval/checks.parquet, test/* metrics, the masking flags as a tag),
+   measures its sensitivity on test pairs (sensitivity/final_test.parquet) and ends the run FINISHED,
+   before `on_epoch` sees that last epoch (Tune may stop a trial at its last report);
+5. on any failure, `record_failure` tags the reason and ends the run FAILED (KILLED for Ctrl+C).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ns_core.attacks import Attack
+from ns_core.data import DatasetSplits, load_dataset
+from ns_core.evaluation import RobustnessReport, evaluate_robustness
+from ns_core.models import create_model
+from ns_core.sensitivity import SensitivityMap, measure_sensitivity
+from ns_core.training import Trainer
+from ns_core.utils import make_generator, seed_everything
+from orchestrator.experiment_config import ExperimentConfig
+from orchestrator.plots import sensitivity_figure
+from orchestrator.tracking import Tracker
+
+log = logging.getLogger(__name__)
+FAILURE_TAG = "failure_reason"
+FLAGS_TAG = "eval.flags"
+EpochHook = Callable[[dict, Trainer, bool], None]  # (metrics, trainer, final) -> None
+
+
+@dataclass
+class RunResult:
+    trainer: Trainer
+    report: RobustnessReport | None
+    run_id: str
+
+
+def load_data(config: ExperimentConfig) -> DatasetSplits:
+    """The experiment's train / validation / test splits (decoded once per process: warm Ray workers keep them)."""
+    d = config.data
+    return _load_data(config.dataset, d.root, d.download, d.val_size, d.data_seed, d.train_limit, d.test_limit)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_data(name, root, download, val_size, data_seed, train_limit, test_limit) -> DatasetSplits:
+    return load_dataset(name, root=root, download=download, val_size=val_size, data_seed=data_seed,
+                        train_limit=train_limit, test_limit=test_limit)
+
+
+def build_trainer(config: ExperimentConfig, data: DatasetSplits | None = None) -> Trainer:
+    """Seed, build the model and objective by name, and return a ready Trainer (its metadata rebuilds the
+    model and the experiment from a checkpoint alone)."""
+    data = data or load_data(config)
+    seed_everything(config.train.seed)  # model initialization draws from the global RNG
+    model = create_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    objective = config.objective()
+    metadata = {"model": config.model, "dataset": config.dataset, "method": config.method,
+                "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+                "config": config.model_dump(mode="json")}
+    return Trainer(model, objective, data, config.train_config(), metadata=metadata)
+
+
+def resolved_params(config: ExperimentConfig, trainer: Trainer) -> dict[str, Any]:
+    """What this run actually used, and only what applies to it: the objective's own settings (the real
+    layers, the base method's parameters only), the optimizer's, the data's and the device's."""
+    t = config.train
+    params = {"dataset": config.dataset, "model": config.model, **trainer.objective.params(trainer.model),
+              "train.epochs": t.epochs, "train.batch_size": t.batch_size, "train.optimizer": t.optimizer,
+              "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.schedule": t.schedule,
+              "train.seed": t.seed, "train.device": str(trainer.device), "val_attack": trainer.config.val_attack.label,
+              "data.train_size": len(trainer.train_split), "data.val_size": len(trainer.val),
+              "data.data_seed": config.data.data_seed, "data.augment": trainer.augment}
+    if t.optimizer == "sgd":
+        params["train.momentum"] = t.momentum
+    if t.schedule == "piecewise":
+        params.update({"train.milestones": list(t.milestones), "train.gamma": t.gamma})
+    if trainer.amp:
+        params["train.amp"] = "bf16"
+    return params
+
+
+def final_suite(config: ExperimentConfig, trainer: Trainer, attacks: list[Attack] | None = None) -> list[Attack]:
+    """The final attacks, feature_pgd aimed at the layers this model's objective watches."""
+    suite = attacks if attacks is not None else config.final_suite()
+    watched = tuple(trainer.objective.watched_layers(trainer.model))
+    return [a.replace(layers=watched) if a.name == "feature_pgd" and a.layers is None else a for a in suite]
+
+
+def evaluate_final(config: ExperimentConfig, trainer: Trainer, data: DatasetSplits, attacks: list[Attack] | None = None,
+                   examples: int | None = None) -> RobustnessReport:
+    """The final evaluation on the test split (the only place a training run reads it)."""
+    return evaluate_robustness(trainer.model, data.test, final_suite(config, trainer, attacks), seed=config.train.seed,
+                               max_examples=examples or config.eval.examples, cascade=config.eval.cascade,
+                               check_examples=config.eval.check_examples, num_classes=data.num_classes,
+                               progress=bool(config.train.progress))
+
+
+def final_sensitivity(config: ExperimentConfig, trainer: Trainer, data: DatasetSplits) -> SensitivityMap:
+    """The final model's neuron sensitivity on the first test images against the validation attack."""
+    x, y = data.test.take(config.eval.sensitivity_examples)
+    x, y = x.to(trainer.device), y.to(trainer.device)
+    attack, generator = trainer.config.val_attack, make_generator(config.train.seed, trainer.device)
+    x_adv = torch.cat([attack(trainer.model, x[s:s + 500], y[s:s + 500], generator) for s in range(0, len(y), 500)])
+    return measure_sensitivity(trainer.model, [(x, x_adv)], trainer.layers, metadata=trainer.metadata_for_map())
+
+
+def sensitivity_metrics(smap: SensitivityMap, prefix: str = "test/") -> dict[str, float]:
+    return {f"{prefix}sensitivity_all": smap.mean(), f"{prefix}relative_sensitivity_all": smap.mean(relative=True),
+            **{f"{prefix}sensitivity.{k}": v for k, v in smap.layer_means().items()},
+            **{f"{prefix}relative_sensitivity.{k}": v for k, v in smap.layer_means(relative=True).items()}}
+
+
+def record_report(tracker: Tracker, run_id: str, report: RobustnessReport, step: int, prefix: str = "eval") -> None:
+    tracker.log_table(run_id, report.to_arrow(), f"{prefix}/robust_accuracy.parquet")
+    tracker.log_table(run_id, report.checks_arrow(), f"{prefix}/checks.parquet")
+    tracker.log_metrics(run_id, report.metrics(), step=step)
+    tracker.set_tags(run_id, {FLAGS_TAG: ",".join(report.flags) or "none"})
+
+
+def record_failure(tracker: Tracker, run_id: str, err: BaseException) -> str:
+    """Tag why the run failed and end it FAILED (KILLED when the user interrupted it); returns the reason."""
+    reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:5000]
+    try:
+        tracker.set_tags(run_id, {FAILURE_TAG: reason})
+        tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+    except Exception as tracking_error:  # the failure must still reach the caller
+        log.warning("could not record the failure of run %s: %s", run_id, tracking_error)
+    return reason
+
+
+def log_epoch(tracker: Tracker, run_id: str, metrics: Mapping[str, Any], trainer: Trainer) -> None:
+    epoch = int(metrics["epoch"])
+    tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=epoch)
+    if trainer.last_sensitivity is not None and epoch == trainer.epoch:
+        table = trainer.last_sensitivity.to_arrow(selected=trainer.last_selection)
+        meta = {**(table.schema.metadata or {}), b"epoch": str(epoch).encode()}
+        tracker.log_table(run_id, table.replace_schema_metadata(meta), f"sensitivity/epoch_{epoch:03d}.parquet")
+
+
+def run_experiment(config: ExperimentConfig, tracker: Tracker, run_id: str, *, state: dict | None = None,
+                   on_epoch: EpochHook | None = None, evaluate: bool = True, until: int | None = None,
+                   extra_params: Mapping[str, Any] | None = None, attacks: list[Attack] | None = None,
+                   examples: int | None = None) -> RunResult:
+    """Build, resume from `state`, train to `until` (default: every epoch), evaluate on test (when
+    `evaluate`), and record it all in `run_id`. Raises what training raises, after recording it."""
+    try:
+        data = load_data(config)
+        trainer = build_trainer(config, data)
+        if state is not None:
+            trainer.load_state_dict(state)
+        tracker.log_params(run_id, {**resolved_params(config, trainer), **(extra_params or {})})
+        logged = tracker.last_step(run_id)
+        for metrics in trainer.history:  # epochs a fork or a resume carries, not yet in this run's record
+            if metrics["epoch"] > logged:
+                tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+                                    step=int(metrics["epoch"]))
+        result = RunResult(trainer, None, run_id)
+
+        def each_epoch(metrics: dict, trainer: Trainer) -> None:
+            if metrics["epoch"] > logged:
+                log_epoch(tracker, run_id, metrics, trainer)
+            final = trainer.epoch >= config.train.epochs
+            if final and evaluate:
+                result.report = evaluate_final(config, trainer, data, attacks, examples)
+                record_report(tracker, run_id, result.report, step=trainer.epoch)
+                smap = final_sensitivity(config, trainer, data)
+                tracker.log_table(run_id, smap.to_arrow(selected=trainer.last_selection),
+                                  "sensitivity/final_test.parquet")
+                tracker.log_metrics(run_id, sensitivity_metrics(smap), step=trainer.epoch)
+                metrics = {**metrics, **result.report.metrics(), **sensitivity_metrics(smap)}
+            if final:
+                _final_plot(tracker, run_id, trainer)
+                tracker.end_run(run_id, "FINISHED")
+            if on_epoch is not None:
+                on_epoch(metrics, trainer, final)
+
+        trainer.callbacks.append(each_epoch)
+        trainer.fit(until)
+        return result
+    except SystemExit as err:  # Ray Tune ends a trial it stops (ASHA, or after its last report) this way
+        if err.code not in (0, None):
+            record_failure(tracker, run_id, err)
+        raise
+    except BaseException as err:
+        record_failure(tracker, run_id, err)
+        raise
+
+
+def _final_plot(tracker: Tracker, run_id: str, trainer: Trainer) -> None:
+    if trainer.last_sensitivity is not None:
+        figure = sensitivity_figure(trainer.last_sensitivity, trainer.last_selection,
+                                    title=f"neuron sensitivity after epoch {trainer.epoch} (validation pairs)")
+        tracker.log_figure(run_id, figure, "sensitivity/sensitivity_per_layer.png")
