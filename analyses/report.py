@@ -67,8 +67,8 @@ class ReportWriter:
     def _run(self, ref: RunRef) -> Iterator[RunRef]:
         try:
             yield ref
-        except BaseException:
-            self.end(ref, "FAILED")
+        except BaseException as err:
+            self.end(ref, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         self.end(ref)
 

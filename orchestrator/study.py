@@ -49,6 +49,7 @@ from orchestrator.tuning import (
 
 log = logging.getLogger(__name__)
 STUDY_TAG = "nslab.study"
+ORPHAN_TAG = "nslab.orphaned"
 
 
 @dataclass
@@ -58,7 +59,6 @@ class StudyOutcome:
     experiment_path: str
     rows: list[dict]
     pareto: list[bool]
-    interrupted: bool
     ui_command: str
     importances: pa.Table | None = None
     seconds: float = 0.0
@@ -74,7 +74,8 @@ def study_dir(study: StudyFile, name: str) -> str:
 
 def run_study(study: StudyFile, name: str, resume: bool = False, keep_gpu: bool = False,
               config_path: str | None = None, confirm: bool = True, confirm_only: bool = False) -> StudyOutcome:
-    """Run (or resume) the study `name` on the current Ray cluster and record it in MLflow."""
+    """Run (or resume) the study `name` on the current Ray cluster and record it in MLflow. Ctrl+C ends the
+    parent run KILLED and raises KeyboardInterrupt once Tune has saved its state (--resume continues)."""
     path = study_dir(study, name)
     exists = tune.Tuner.can_restore(f"{path}/search")
     if (resume or confirm_only) and not exists:
@@ -106,7 +107,7 @@ def run_study(study: StudyFile, name: str, resume: bool = False, keep_gpu: bool 
         run_search(study, search_settings, path, "search", resources, baseline,
                    callbacks=[TrialLog(study.tracking.uri, study.tracking.experiment, objectives, total)])
         outcome = collect(study, name, path, tracker, parent)
-        if confirm and study.confirm is not None and not outcome.interrupted:
+        if confirm and study.confirm is not None:
             confirmation = run_confirmation(
                 study, outcome.rows, outcome.pareto, settings, path, resources,
                 callbacks=[TrialLog(study.tracking.uri, study.tracking.experiment,
@@ -117,8 +118,24 @@ def run_study(study: StudyFile, name: str, resume: bool = False, keep_gpu: bool 
         raise
     outcome.confirmation = confirmation
     outcome.seconds = time.time() - tracker.get_run(parent).info.start_time / 1000  # the whole study, resumes included
+    close_orphans(tracker, parent, path)
     record(study, outcome, tracker)
     return outcome
+
+
+def close_orphans(tracker: Tracker, parent: str, path: str) -> int:
+    """End the runs of trials Tune never recorded: a driver killed within seconds of starting a trial loses it
+    from the experiment state, and the resumed study runs that configuration again as a new trial. The lost
+    run stays in the record, KILLED, with the reason as a tag."""
+    known = {t.trial_id for phase in sorted(Path(path).iterdir()) if tune.Tuner.can_restore(str(phase))
+             for t in tune.ExperimentAnalysis(str(phase)).trials} if Path(path).is_dir() else set()
+    orphans = [run for run in tracker.children(parent) if run.data.tags.get(TRIAL_ID_TAG) not in known]
+    for run in orphans:
+        tracker.set_tags(run.info.run_id, {ORPHAN_TAG: "the driver died before Ray Tune recorded this trial; the "
+                                                       "resumed study ran its configuration again as another trial"})
+        if run.info.status == "RUNNING":
+            tracker.end_run(run.info.run_id, "KILLED")
+    return len(orphans)
 
 
 def _search_warmup(study: StudyFile, settings: dict, path: str, resources: dict) -> dict[str, str] | None:
@@ -129,7 +146,7 @@ def _search_warmup(study: StudyFile, settings: dict, path: str, resources: dict)
     spec = TrialSpec("warmup", "warmup", study.baseline_experiment().model_copy(update={"name": "warmup"}),
                      settings={"until": max(keep), "keep_epochs": keep})
     grid = run_fixed([spec], settings, path, "warmup", resources, max_failures=study.study.max_failures,
-                     share_warmup=False)
+                     share_warmup=False, keep=None)
     checkpoints = warmup_checkpoints(grid).get("warmup")
     if not checkpoints:
         raise RuntimeError(f"the shared warm-up failed ({grid[0].error}); see {path}/warmup")
@@ -206,15 +223,13 @@ def collect(study: StudyFile, name: str, path: str, tracker: Tracker, parent: st
     warmup = Path(path) / "warmup"
     if warmup.exists():  # the shared warm-up's epochs were trained once, for everyone
         trained += max(study.warmup_epochs())
-    finished = sum(r["status"] != "INCOMPLETE" for r in rows)
-    interrupted = finished < study.study.trials + (study.baseline is not None)
     pareto = pareto_mask([r if r["role"] == "search" else {} for r in rows], objectives, epochs)
-    return StudyOutcome(name, parent, path, rows, pareto, interrupted, tracker.ui_command(), objectives=objectives,
+    return StudyOutcome(name, parent, path, rows, pareto, tracker.ui_command(), objectives=objectives,
                         epochs_trained=trained, epochs_unshared=unshared)
 
 
 def record(study: StudyFile, outcome: StudyOutcome, tracker: Tracker) -> None:
-    """Write the study tables and plots to the parent run; mark it FINISHED (KILLED if interrupted)."""
+    """Write the study tables and plots to the parent run and mark it FINISHED."""
     parent, rows, objectives = outcome.parent_run_id, outcome.rows, outcome.objectives
     table = trials_table(rows, study.search_space, [m for m, _ in objectives])
     tracker.log_table(parent, table, "study/trials.parquet")
@@ -238,7 +253,7 @@ def record(study: StudyFile, outcome: StudyOutcome, tracker: Tracker) -> None:
     tracker.log_metrics(parent, {f"trials_{k.lower()}": v for k, v in counts.items()} | {
         "study_seconds": outcome.seconds, "pareto_size": sum(outcome.pareto),
         "epochs_trained": outcome.epochs_trained, "epochs_without_shared_warmup": outcome.epochs_unshared})
-    tracker.end_run(parent, "KILLED" if outcome.interrupted else "FINISHED")
+    tracker.end_run(parent, "FINISHED")
 
 
 def param_importances(rows: list[dict], study: StudyFile, objectives: list[tuple[str, str]]) -> pa.Table:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -77,16 +78,81 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_prepared: set[str] = set()
+
+
+def prepare_sqlite_store(tracking_uri: str) -> None:
+    """Create a SQLite store safely once, whoever gets there first. MLflow builds a new store's schema without
+    a lock, so processes that open a new file at the same moment break it for good ("table _alembic_tmp_...
+    already exists"). Under an exclusive file lock beside the database, the first caller switches the file
+    to WAL journaling (readers no longer block the writer; it is stored in the file) and builds the schema;
+    later callers find it ready. MLflow's own sessions wait up to 20 s for a busy database."""
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _prepared:
+        return
+    import fcntl
+    import sqlite3
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # a slow import: outside the lock
+
+    db = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            connection = sqlite3.connect(db, timeout=60)
+            try:
+                if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    connection.execute("PRAGMA journal_mode=WAL")
+            finally:
+                connection.close()
+            SqlAlchemyStore(tracking_uri, (db.parent / "mlartifacts").as_uri())  # builds or upgrades the schema
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _prepared.add(tracking_uri)
+
+
+class TrackingError(ValueError):
+    """The tracking store cannot be used (unreachable, credentials refused); str() is one line."""
+
+
+def tracking_error(err: BaseException, tracking_uri: str | None = None) -> str | None:
+    """One line for a tracking-store failure (server down, credentials refused), None for other errors."""
+    if type(err).__module__.split(".")[0] != "mlflow":
+        return None
+    text = " ".join(str(err).split())
+    if tracking_uri is None:
+        found = re.search(r"request to (https?://[^/\s]+)", text)
+        tracking_uri = found.group(1) if found else "(the tracking store)"
+    if "401" in text or "UNAUTHENTICATED" in text or "not authenticated" in text:
+        return (f"the MLflow server {tracking_uri} refused the request: not authenticated; set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment")
+    if "403" in text or "PERMISSION_DENIED" in text:
+        return f"the MLflow server {tracking_uri} refused the request: permission denied for this user"
+    if "Max retries exceeded" in text or "Connection refused" in text or "NewConnectionError" in text:
+        return (f"the MLflow server {tracking_uri} is unreachable (retried with backoff); start it or pass another "
+                "--tracking-uri")
+    return f"MLflow at {tracking_uri}: {text[:300]}"
+
+
 class Tracker:
-    """A tracking URI + experiment name; every call names its run explicitly."""
+    """A tracking URI + experiment name; every call names its run explicitly. An http(s) server that is
+    briefly down is retried with backoff by MLflow's client (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7:
+    about four minutes) before a call fails."""
 
     def __init__(self, tracking_uri: str, experiment: str) -> None:
         from mlflow import MlflowClient  # imported here: mlflow import takes seconds
 
         self.tracking_uri = tracking_uri
+        prepare_sqlite_store(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self._create_experiment(experiment)
+        try:  # the first contact with the store: a refusal or an unreachable server is one line
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self._create_experiment(experiment)
+        except Exception as err:
+            message = tracking_error(err, tracking_uri)
+            if message is None:
+                raise
+            raise TrackingError(message) from None
         self.experiment = experiment
 
     def _create_experiment(self, name: str) -> str:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -99,7 +101,8 @@ def train_trial(config: dict) -> None:
                   "nslab.study": settings["study"], "nslab.sampled": json.dumps(sampled),
                   "nslab.label": settings.get("label") or ""})
     tracker.set_tags(run_id, {"nslab.checkpoint_dir": tune.get_context().get_trial_dir(),
-                              "nslab.device": "cuda" if torch.cuda.is_available() else "cpu"})
+                              "nslab.device": "cuda" if torch.cuda.is_available() else "cpu",
+                              "nslab.worker": f"{socket.gethostname()}:{os.getpid()}"})
 
     # 2. A fresh trial with a shared warm-up forks from the warm-up's state at its own warm-up length.
     fork = warmup_for(experiment, settings.get("warmups") or {}) if state is None else None
@@ -158,17 +161,38 @@ def warmup_for(experiment: ExperimentConfig, warmups: dict[str, str]) -> tuple[i
 
 def restore(checkpoint) -> tuple[dict | None, str | None]:
     """(trainer state, MLflow run id) from a Tune checkpoint, or (None, None). A damaged state file (a write
-    cut short) gives way to a fresh start of the same run, with a warning: its logged epochs stay, none repeat."""
+    cut short) gives way to the trial's previous checkpoint (Tune keeps two), else to a fresh start of the
+    same run; either way with a warning, and its logged epochs stay without repeats."""
     if checkpoint is None:
         return None, None
-    with checkpoint.as_directory() as directory:
-        meta = json.loads((Path(directory) / META_FILE).read_text())
-        try:
-            state = load_checkpoint(Path(directory) / STATE_FILE)
-        except CheckpointError as err:
-            log.warning("%s; the trial restarts from its first epoch in the same MLflow run", err)
-            state = None
-    return state, meta["mlflow_run_id"]
+    run_id = None
+    for candidate in [checkpoint, *_older(checkpoint)]:
+        with candidate.as_directory() as directory:
+            try:
+                run_id = json.loads((Path(directory) / META_FILE).read_text())["mlflow_run_id"]
+                state = load_checkpoint(Path(directory) / STATE_FILE)
+            except (CheckpointError, OSError, ValueError, KeyError) as err:
+                log.warning("trial checkpoint %s is unusable (%s); trying the one before it", candidate.path, err)
+                continue
+        if candidate is not checkpoint:
+            log.warning("resuming from the older checkpoint %s", candidate.path)
+        return state, run_id
+    log.warning("no usable trial checkpoint: the trial restarts from its first epoch in the same MLflow run")
+    return None, run_id
+
+
+def _older(checkpoint) -> list:
+    """The trial's other kept checkpoints, newest first (Tune names them checkpoint_000NNN)."""
+    import pyarrow.fs
+
+    parent, _, name = checkpoint.path.rstrip("/").rpartition("/")
+    try:
+        infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError:
+        return []
+    names = sorted((i.base_name for i in infos if i.base_name.startswith("checkpoint_") and i.base_name < name),
+                   reverse=True)
+    return [tune.Checkpoint(f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in names]
 
 
 def find_trial_run(tracker: Tracker, parent_run_id: str, trial_id: str) -> str | None:

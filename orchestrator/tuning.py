@@ -112,8 +112,13 @@ def _trainable(config: dict) -> None:
     train_trial({**spec, **{k: v for k, v in config.items() if k != "spec"}} if spec else config)
 
 
+class PhaseInterrupted(KeyboardInterrupt):
+    """Tune stopped a phase before its trials finished (Ctrl+C): its state is saved, --resume continues it."""
+
+
 def _fit(path: str, name: str, resources: dict[str, float], *, param_space: dict, tune_config: tune.TuneConfig,
          max_failures: int, callbacks: Sequence[tune.Callback], keep: int | None) -> tune.ResultGrid:
+    """Run (or restore and finish) the Tune experiment <path>/<name>; PhaseInterrupted if Ctrl+C stopped it."""
     trainable = tune.with_resources(_trainable, resources)
     full = f"{path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(full):
@@ -124,13 +129,18 @@ def _fit(path: str, name: str, resources: dict[str, float], *, param_space: dict
             name=name, storage_path=path, verbose=0, callbacks=list(callbacks),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)))
-    return tuner.fit()
+    grid = tuner.fit()
+    unfinished = [t.trial_id for t in tune.ExperimentAnalysis(full).trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:  # Tune catches Ctrl+C itself, saves its state and returns
+        raise PhaseInterrupted(f"{name}: {len(unfinished)} trial(s) unfinished")
+    return grid
 
 
 def run_fixed(specs: Sequence[TrialSpec], settings: dict[str, Any], path: str, name: str,
               resources: dict[str, float], max_failures: int = 1, callbacks: Sequence[tune.Callback] = (),
-              share_warmup: bool = True) -> tune.ResultGrid:
-    """Run `specs` as Tune trials (in parallel as resources allow); shared warm-ups first when they pay."""
+              share_warmup: bool = True, keep: int | None = 2) -> tune.ResultGrid:
+    """Run `specs` as Tune trials (in parallel as resources allow); shared warm-ups first when they pay.
+    `keep`: checkpoints kept per trial (None: all of them, as a warm-up needs)."""
     specs = list(specs)
     warmups = plan_warmups(specs) if share_warmup else {}
     if warmups:
@@ -146,7 +156,7 @@ def run_fixed(specs: Sequence[TrialSpec], settings: dict[str, Any], path: str, n
     return _fit(path, name, resources, param_space={"spec": tune.grid_search([s.config(settings) for s in specs])},
                 tune_config=tune.TuneConfig(trial_dirname_creator=_trial_name, trial_name_creator=_trial_name,
                                             reuse_actors=True),
-                max_failures=max_failures, callbacks=callbacks, keep=2)
+                max_failures=max_failures, callbacks=callbacks, keep=keep)
 
 
 class BaselineFirst(Searcher):

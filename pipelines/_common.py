@@ -101,6 +101,13 @@ def run_cli(body: Callable[[list[str] | None], int], argv: list[str] | None) -> 
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:
+        from orchestrator.tracking import tracking_error
+
+        message = tracking_error(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 

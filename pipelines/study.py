@@ -99,14 +99,15 @@ def _main(argv: list[str] | None) -> int:
     from orchestrator.ray_runtime import ray_session
     from orchestrator.study import run_study  # imports Ray Tune: after ray_session set the environment
 
-    with ray_session(args.address):
-        outcome = run_study(study, name, resume=args.resume, keep_gpu=args.keep_gpu, config_path=args.config,
-                            confirm=not args.no_confirm, confirm_only=args.confirm_only)
-    print_outcome(outcome, study)
-    if outcome.interrupted:
-        print(f"\ninterrupted; continue with:\n  python -m pipelines.study --config {args.config} "
-              f"--name {outcome.name} --resume")
+    try:
+        with ray_session(args.address):
+            outcome = run_study(study, name, resume=args.resume, keep_gpu=args.keep_gpu, config_path=args.config,
+                                confirm=not args.no_confirm, confirm_only=args.confirm_only)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the study's state is saved. Continue with:\n  python -m pipelines.study --config "
+              f"{args.config} --name {name} --resume", flush=True)
         return EXIT_INTERRUPTED
+    print_outcome(outcome, study)
     return 0
 
 

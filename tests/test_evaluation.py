@@ -53,7 +53,7 @@ def test_the_cascade_finds_the_worst_case_of_every_attack_on_every_example_for_l
 @pytest.mark.slow
 def test_autoattack_le_pgd_le_fgsm_le_clean_and_a_standard_model_falls_to_zero(trained):
     trainer, _ = trained["pgd_at"]
-    model, (x, y) = trainer.model.eval(), trainer.val.take(96)
+    model, (x, y) = trainer.model.eval(), trainer.val.take(64)
     alone = {name: evaluate_robustness(model, (x, y), [Attack(name, EPS, **kw)], checks=False).robust_accuracy
              for name, kw in (("fgsm", {}), ("pgd", {"steps": 20}), ("autoattack", {}))}
     clean = evaluate_robustness(model, (x, y), [], checks=False).clean_accuracy

@@ -153,7 +153,7 @@ def test_a_model_defined_outside_nslab_trains_is_studied_and_is_evaluated(tmp_pa
     config = tmp_path / "mine.yaml"
     config.write_text(yaml.safe_dump({
         "base": str(REPO / "configs/study/tiny.yaml"),
-        "study": {"trials": 2}, "confirm": None,
+        "study": {"trials": 1}, "confirm": None,
         "experiment": {"model": "user_models:tiny_mlp", "dataset": "user_models:blobs", "attack": {
             "name": "pgd", "eps": 0.1, "steps": 2}, "data": {"train_limit": None, "test_limit": None, "val_size": None},
             "eval": {"attacks": [{"name": "pgd", "eps": 0.1, "steps": 2}]}},
@@ -163,6 +163,6 @@ def test_a_model_defined_outside_nslab_trains_is_studied_and_is_evaluated(tmp_pa
     result = run_module(["pipelines.study", "--config", str(config), "--name", "mine"], cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     runs = Tracker(uri, "mine").find_runs("tags.`nslab.kind` = 'trial'")
-    assert len(runs) >= 3 and all(r.data.params["model"] == "user_models:tiny_mlp" for r in runs
+    assert len(runs) == 3 and all(r.data.params["model"] == "user_models:tiny_mlp" for r in runs
                                   if r.data.tags["nslab.role"] != "warmup")
     assert all(r.info.status == "FINISHED" for r in runs)

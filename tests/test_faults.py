@@ -1,0 +1,297 @@
+"""Faults injected into real components (local Ray, Optuna, SQLite MLflow or a real `mlflow server` on
+127.0.0.1), each followed by a check of the record: run counts, statuses, and every epoch logged exactly once.
+
+- several writers opening one new SQLite store at the same moment;
+- a trial's worker process killed (SIGKILL, by PID) mid-epoch;
+- the driver killed (SIGKILL) mid-search and again mid-confirmation, then --resume;
+- the tracking server stopped mid-study and restarted;
+- a checkpoint cut short before a resume;
+- storage and data paths that cannot be used (one line, before Ray starts);
+- an authenticated server: a study with credentials from the environment, a client without them refused.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_module, subprocess_env
+
+from orchestrator.tracking import Tracker
+
+pytestmark = pytest.mark.slow
+TINY = REPO / "configs" / "study" / "tiny.yaml"
+
+
+def write_study(tmp_path: Path, uri: str, name: str = "study.yaml", **blocks) -> Path:
+    data = {"base": str(TINY), "tracking": {"uri": uri, "experiment": "faults"},
+            "storage": {"ray": str(tmp_path / "ray")}, **blocks}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def start(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(**env), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, output
+
+
+def wait_for(condition, timeout: float = 240, every: float = 0.5, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def runs(uri: str) -> list:
+    try:
+        return Tracker(uri, "faults").find_runs("tags.`nslab.kind` = 'trial'")
+    except Exception:  # the store may not exist yet, or the server may be down
+        return []
+
+
+def assert_every_epoch_once(uri: str, run, epochs: int, metric: str = "val/robust_acc") -> None:
+    steps = [m.step for m in Tracker(uri, "faults").client.get_metric_history(run.info.run_id, metric)]
+    assert sorted(steps) == list(range(1, epochs + 1)), (run.info.run_name, steps)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `mlflow server` (python -m pipelines.tracking_server) on 127.0.0.1, stopped by its PID."""
+
+    def __init__(self, store: Path, auth: bool = False, **env: str) -> None:
+        self.store, self.auth, self.env, self.port = store, auth, env, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        args = ["pipelines.tracking_server", "--store", str(self.store), "--port", str(self.port), "--workers", "1"]
+        self.process = subprocess.Popen([sys.executable, "-m", *args, *(["--auth"] if self.auth else [])],
+                                        env=subprocess_env(**self.env), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(self.healthy, timeout=90, what="the MLflow server")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # its own process group: the server and its workers
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+def test_several_writers_open_a_new_sqlite_store_at_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    args = ["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"), "--smoke-test",
+            "--tracking-uri", uri]
+    processes = [start([*args, "--runs-dir", str(tmp_path / f"runs{i}")], tmp_path) for i in range(3)]
+    results = [finish(p, 300) for p in processes]
+    assert all(code == 0 for code, _ in results), [out[-1500:] for _, out in results]
+    trains = Tracker(uri, "nslab").find_runs("tags.`nslab.kind` = 'train'")
+    assert len(trains) == 3 and {r.info.status for r in trains} == {"FINISHED"}
+
+
+def test_a_trial_worker_killed_mid_epoch_is_retried_into_its_own_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = write_study(tmp_path, uri, study={"trials": 2, "max_failures": 2}, confirm=None, experiment={
+        "train": {"epochs": 3}, "data": {"train_limit": 1500}, "attack": {"name": "pgd", "eps": 0.2, "steps": 4}})
+    study = start(["pipelines.study", "--config", str(config), "--name", "kill-worker"], tmp_path)
+    try:
+        def running_search_trial():
+            for run in runs(uri):
+                # epoch 1 is the shared warm-up it forked from; epoch 2 is its own, reported with a checkpoint
+                if run.data.tags.get("nslab.role") == "search" and run.info.status == "RUNNING" \
+                        and run.data.metrics.get("epoch", 0) >= 2 and "nslab.worker" in run.data.tags:
+                    return run
+            return None
+
+        victim = wait_for(running_search_trial, what="a search trial past its first own epoch")
+        time.sleep(0.7)  # into the next epoch
+        pid = int(victim.data.tags["nslab.worker"].rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGKILL)
+        code, output = finish(study)
+    finally:
+        study.kill()
+    assert code == 0, output[-3000:]
+    search = [r for r in runs(uri) if r.data.tags["nslab.role"] == "search"]
+    assert len(search) == 2 == len({r.data.tags["nslab.trial_id"] for r in search})  # one run per trial
+    killed = next(r for r in search if r.info.run_id == victim.info.run_id)
+    assert killed.info.status == "FINISHED" and "nslab.resumed_from_epoch" in killed.data.tags
+    for run in search:
+        assert_every_epoch_once(uri, run, 3)
+
+
+def test_a_killed_driver_resumes_mid_search_and_mid_confirmation_without_gaps_or_duplicates(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = write_study(tmp_path, uri, study={"trials": 3, "concurrency": 2})
+    command = ["pipelines.study", "--config", str(config), "--name", "kill-driver"]
+
+    def killed_when(condition, what):
+        process = start(command if not Path(tmp_path / "ray" / "kill-driver").exists() else [*command, "--resume"],
+                        tmp_path)
+        try:
+            wait_for(condition, what=what)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+        finally:
+            process.kill()
+
+    killed_when(lambda: sum(r.info.status == "FINISHED" and r.data.tags["nslab.role"] == "search"
+                            for r in runs(uri)) >= 1, "a finished search trial")
+    killed_when(lambda: any(r.data.tags["nslab.role"] == "confirm" for r in runs(uri)), "a confirmation run")
+    code, output = finish(start([*command, "--resume"], tmp_path))
+    assert code == 0, output[-3000:]
+    assert "verdict" in output
+    tracker = Tracker(uri, "faults")
+    (parent,) = tracker.find_runs("tags.`nslab.kind` = 'study'")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["study_seconds"] > 0
+    everything = tracker.children(parent.info.run_id)
+    orphans = [c for c in everything if "nslab.orphaned" in c.data.tags]  # trials Tune lost with its driver
+    assert all(c.info.status in ("KILLED", "FINISHED") for c in orphans)
+    children = [c for c in everything if c not in orphans]
+    labels = [c.data.tags["nslab.label"] or c.data.tags["nslab.trial_id"] for c in children]
+    assert len(labels) == len(set(labels)), labels  # one run per trial, none duplicated
+    roles = [c.data.tags["nslab.role"] for c in children]
+    assert (roles.count("search"), roles.count("baseline"), roles.count("confirm")) == (3, 1, 4)
+    for child in children:
+        assert child.info.status == "FINISHED", (child.info.run_name, child.data.tags.get("failure_reason"))
+        if child.data.tags["nslab.role"] != "warmup":
+            assert_every_epoch_once(uri, child, 2)
+    table = tracker.read_table(parent.info.run_id, "study/confirmation.parquet")
+    assert table.num_rows == 4
+    trials = tracker.read_table(parent.info.run_id, "study/trials.parquet")
+    assert sorted(trials.column("number").to_pylist()) == [1, 2, 3, 4]
+
+
+def test_the_tracking_server_goes_down_mid_study_and_nothing_is_lost(tmp_path):
+    server = Server(tmp_path / "server")
+    server.start()
+    try:
+        config = write_study(tmp_path, server.uri, study={"trials": 1}, confirm=None,
+                             experiment={"train": {"epochs": 3}, "data": {"train_limit": 1000}})
+        study = start(["pipelines.study", "--config", str(config), "--name", "outage"], tmp_path)
+        try:
+            wait_for(lambda: any(r.data.metrics.get("epoch", 0) >= 1 for r in runs(server.uri)),
+                     what="a logged epoch")
+            server.stop()
+            time.sleep(12)  # trials keep training; their MLflow calls retry with backoff
+            server.start()
+            code, output = finish(study)
+        finally:
+            study.kill()
+        assert code == 0, output[-3000:]
+        trials = runs(server.uri)
+        roles = sorted(r.data.tags["nslab.role"] for r in trials)
+        assert roles == ["baseline", "search", "warmup"] and {r.info.status for r in trials} == {"FINISHED"}
+        for run in trials:
+            if run.data.tags["nslab.role"] != "warmup":
+                assert_every_epoch_once(server.uri, run, 3)
+    finally:
+        server.stop()
+
+
+def test_a_checkpoint_cut_short_gives_way_to_the_previous_one(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"), "--tracking-uri", uri,
+            "--runs-dir", str(tmp_path / "runs"), "--name", "cut", "--set", "train.epochs=3", "--set", "method=pgd_at",
+            "--set", "data.train_limit=1500", "--set", "attack.steps=5", "--set", "data.val_size=100",
+            "--set", "eval.attacks=[{name: fgsm, eps: 0.2}]", "--set", "eval.examples=64"]
+    folder = tmp_path / "runs" / "cut"
+    first = start(args, tmp_path)
+    try:
+        wait_for(lambda: (folder / "checkpoint.prev.pt").exists(), what="a second checkpoint")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        first.kill()
+    checkpoint = folder / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:20000])  # a write cut short
+    code, output = finish(start(args, tmp_path), 300)
+    assert code == 0, output[-3000:]
+    assert "is truncated" in output and "using the previous checkpoint" in output
+    (run,) = Tracker(uri, "nslab").find_runs("tags.`nslab.kind` = 'train'")
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in Tracker(uri, "nslab").client.get_metric_history(run.info.run_id, "val/robust_acc")]
+    assert sorted(steps) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"storage": {"ray": "{tmp}/a-file/ray"}}, "Ray results folder (storage.ray) {tmp}/a-file/ray: {tmp}/a-file "
+                                               "is not a directory"),
+    ({"storage": {"ray": "/proc/nslab-cannot-write"}}, "is not writable"),
+    ({"tracking": {"uri": "sqlite:///{tmp}/a-file/mlflow.db"}}, "MLflow store folder"),
+    ({"experiment": {"dataset": "mnist", "data": {"root": "{tmp}/no-data"}}}, "MNIST not found in {tmp}/no-data"),
+])
+def test_unusable_paths_are_one_line_before_ray_starts(tmp_path, override, message):
+    (tmp_path / "a-file").write_text("not a folder")
+    text = yaml.safe_dump(override).replace("{tmp}", str(tmp_path))
+    config = write_study(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = {**yaml.safe_load(config.read_text()), **yaml.safe_load(text)}
+    config.write_text(yaml.safe_dump(data))
+    started = time.time()
+    result = run_module(["pipelines.study", "--config", str(config)], tmp_path, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert message.replace("{tmp}", str(tmp_path)) in lines[0]
+    assert "Ray" not in result.stdout and time.time() - started < 60
+    assert not any((tmp_path / "ray").rglob("*"))  # no Ray experiment was started
+
+
+def test_an_authenticated_server_lets_only_its_users_in(tmp_path):
+    admin = {"MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-0123"}
+    server = Server(tmp_path / "server", auth=True, **admin)
+    server.start()
+    try:
+        result = run_module(["pipelines.tracking_server", "--add-user", "alice", "--tracking-uri", server.uri],
+                            tmp_path, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin[
+                                "MLFLOW_AUTH_ADMIN_PASSWORD"], NSLAB_NEW_PASSWORD="alice-password-0123")
+        assert result.returncode == 0, result.stderr[-2000:]
+        alice = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "alice-password-0123"}
+        config = write_study(tmp_path, server.uri, study={"trials": 1}, confirm=None)
+        study = start(["pipelines.study", "--config", str(config), "--name", "auth"], tmp_path, **alice)
+        code, output = finish(study)
+        assert code == 0, output[-3000:]
+        assert "alice-password" not in output
+        os.environ.update(alice)
+        try:
+            trials = runs(server.uri)
+        finally:
+            for key in alice:
+                os.environ.pop(key)
+        assert len(trials) == 3 and {r.info.status for r in trials} == {"FINISHED"}  # warm-up, baseline, trial
+        refused = run_module(["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"),
+                              "--smoke-test", "--tracking-uri", server.uri, "--runs-dir", str(tmp_path / "r")],
+                             tmp_path, timeout=120)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+        assert f"the MLflow server {server.uri} refused the request: not authenticated" in lines[0]
+    finally:
+        server.stop()
