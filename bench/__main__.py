@@ -21,7 +21,7 @@ import torch
 from bench.harness import Context, format_table, write_result
 from ns_core.utils import pick_device
 
-BENCHMARKS = ("epoch", "attack_throughput", "sns_step", "sensitivity_measure", "orchestration", "scaling")
+BENCHMARKS = ("epoch", "attack_throughput", "sns_step", "sensitivity_measure", "warmup", "orchestration", "scaling")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 

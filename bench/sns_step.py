@@ -1,5 +1,6 @@
-"""Benchmark 2, SNS step overhead: one SNS training step against one PGD-AT step (same model, batch and
-PGD-10 adversary), with TRADES for reference.
+"""Benchmark, SNS step overhead: one SNS training step against one PGD-AT step (same model, batch and
+PGD-10 adversary), with TRADES for reference, and the one-step base method fast_at (FGSM from a random
+start: 2 passes per step instead of PGD-10's 11).
 
     python -m bench --only sns_step --quick
 
@@ -81,13 +82,15 @@ def run(ctx: Context) -> dict:
         objectives = {"pgd_at": (create_objective("pgd_at", **params), copy.deepcopy(base)),
                       "sns": (sns, sns_model),
                       "floor": (FloorObjective(create_objective("pgd_at", **params)), copy.deepcopy(base)),
-                      "trades": (create_objective("trades", **params), copy.deepcopy(base))}
+                      "trades": (create_objective("trades", **params), copy.deepcopy(base)),
+                      "fast_at": (create_objective("fast_at", **params), copy.deepcopy(base))}
         variants = {name: make_step(model, obj, x, y, generator) for name, (obj, model) in objectives.items()}
         times = interleave(variants, ctx.reps, ctx.warmup, ctx.device)
         out.append(make_case(
             f"{model_name} b{batch}", times,
             ratios={"sns/pgd_at": ("sns", "pgd_at", 1.12), "floor/pgd_at": ("floor", "pgd_at", None),
-                    "sns/floor": ("sns", "floor", None), "trades/pgd_at": ("trades", "pgd_at", None)},
+                    "sns/floor": ("sns", "floor", None), "trades/pgd_at": ("trades", "pgd_at", None),
+                    "fast_at/pgd_at": ("fast_at", "pgd_at", None)},
             params={"model": model_name, "input_shape": list(shape), "batch": batch, "eps": EPS, "steps": STEPS,
                     "sns": {"lam": 0.1, "fraction": 0.1, "distance": "l1", "layers": list(sns.selected),
                             "selected_neurons": {k: int(v.numel()) for k, v in sns.selected.items()}},

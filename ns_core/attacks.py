@@ -247,15 +247,14 @@ def projected_ascent(model: nn.Module, x: Tensor, y: Tensor, x_start: Tensor, *,
     return x_adv
 
 
-def _with_restarts(model: nn.Module, x: Tensor, y: Tensor, restarts: int, loss_fn: LossFn,
-                   run: Callable[[], Tensor]) -> Tensor:
-    """Best of `restarts` runs per example: the one that fools the model, else the one with the highest
-    loss (one extra no-grad forward per restart to score it)."""
-    best = run()
-    if restarts == 1:
+def _best_of(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, runs: Sequence[Callable[[], Tensor]]) -> Tensor:
+    """Per example, the best of several runs: one that fools the model, else the one with the highest loss
+    (one extra no-grad forward per run to score it)."""
+    best = runs[0]()
+    if len(runs) == 1:
         return best
     best_fooled, best_loss = _score(model, best, y, loss_fn)
-    for _ in range(restarts - 1):
+    for run in runs[1:]:
         cand = run()
         fooled, cand_loss = _score(model, cand, y, loss_fn)
         better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (cand_loss > best_loss))  # (N,)
@@ -317,7 +316,7 @@ def pgd(
         return projected_ascent(model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn)
 
     with eval_mode(model), frozen_parameters(model):
-        return _with_restarts(model, x, y, restarts, loss_fn, run)
+        return _best_of(model, x, y, loss_fn, [run] * restarts)
 
 
 def random_start_or_x(x: Tensor, eps: float, norm: str, random: bool, generator: torch.Generator | None) -> Tensor:
@@ -386,8 +385,10 @@ def feature_pgd(
 ) -> Tensor:
     """The adaptive attack on neuron stabilization: PGD on cross-entropy + weight x the mean change of the
     watched layers' activations between x and x' (the quantity SNS keeps small), each layer's change divided
-    by its mean benign |activation| so that layers and models of any scale weigh alike. A defence that only
-    flattens its watched neurons is pushed exactly where it claims to be stable."""
+    by its mean benign |activation| so that layers and models of any scale weigh alike: a defence that only
+    flattens its watched neurons is pushed exactly where it claims to be stable. From each random start it
+    also runs plain cross-entropy PGD and keeps, per example, whichever run fools the model (else the higher
+    loss), so it is never weaker than PGD at its budget (2 x steps passes per restart)."""
     layers = list(layers or model.default_layers)
     alpha = 2.5 * eps / steps if alpha is None else alpha
     x = x.detach()
@@ -397,16 +398,18 @@ def feature_pgd(
             benign = capture.pop()  # {layer: (N, C, ...)}
         scale = {layer: benign[layer].abs().mean().clamp_min(1e-12) for layer in layers}
 
-        def loss_fn(logits: Tensor, y_: Tensor) -> Tensor:
+        def feature_loss(logits: Tensor, y_: Tensor) -> Tensor:
             adv = capture.pop()
             change = sum((adv[layer] - benign[layer]).abs().flatten(1).mean(1) / scale[layer] for layer in layers)
             return ce_loss(logits, y_) + weight * change / len(layers)  # (N,)
 
-        def run() -> Tensor:
+        runs = []
+        for _ in range(restarts):
             start = random_start(x, eps, norm, generator)
-            return projected_ascent(model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn)
-
-        return _with_restarts(model, x, y, restarts, loss_fn, run)
+            for loss_fn in (feature_loss, ce_loss):
+                runs.append(lambda start=start, loss_fn=loss_fn: projected_ascent(
+                    model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn))
+        return _best_of(model, x, y, ce_loss, runs)
 
 
 for _name in autoattack.STAGES:  # AutoAttack's reference code, behind ns_core/autoattack.py

@@ -133,13 +133,32 @@ class Standard(Objective):
 
 
 class BaseLoss(Objective):
-    """An adversarial base loss SNS can stand on: it crafts x' with `attack` and scores logits it is handed."""
+    """An adversarial base loss SNS can stand on: it crafts x' with `attack` and scores logits it is handed.
+
+    With `eps_ramp_epochs` = k > 0 the training attack's eps (and alpha) grows over the first k epochs, epoch e
+    using (e + 1) / (k + 1) of it: at a large eps a fresh network can otherwise sit at chance for many epochs
+    (LeNet-5 at Linf 0.2 on some seeds), which would compare methods on a seed's luck."""
 
     attack: Attack
+    eps_ramp_epochs: int = 0
     uses_clean_logits = False
 
+    @property
+    def epoch_attack(self) -> Attack:
+        """The attack of the current epoch (the ramped one during the eps ramp)."""
+        return getattr(self, "_epoch_attack", None) or self.attack
+
+    def on_epoch_start(self, model, epoch, probe, generator=None):
+        if epoch >= self.eps_ramp_epochs:
+            self._epoch_attack = self.attack
+            return {}
+        scale = (epoch + 1) / (self.eps_ramp_epochs + 1)
+        alpha = None if self.attack.alpha is None else self.attack.alpha * scale
+        self._epoch_attack = self.attack.replace(eps=self.attack.eps * scale, alpha=alpha)
+        return {"train/attack_eps": self._epoch_attack.eps}
+
     def craft(self, model, x, y, generator=None):
-        return self.attack(model, x, y, generator)
+        return self.epoch_attack(model, x, y, generator)
 
     def loss(self, model, x, y, x_adv):
         logits_adv = model(x_adv)
@@ -151,7 +170,8 @@ class BaseLoss(Objective):
         raise NotImplementedError
 
     def params(self, model):
-        return {"method": self.name, **_attack_params(self.attack)}
+        ramp = {"attack.eps_ramp_epochs": self.eps_ramp_epochs} if self.eps_ramp_epochs else {}
+        return {"method": self.name, **_attack_params(self.attack), **ramp}
 
 
 @dataclass
@@ -159,6 +179,7 @@ class PGDAT(BaseLoss):
     """Madry et al. 2018: cross-entropy on PGD adversarial examples."""
 
     attack: Attack = field(default_factory=lambda: Attack("pgd", 0.3))
+    eps_ramp_epochs: int = 0
     name = "pgd_at"
 
     def loss_from_logits(self, logits_adv, logits_clean, y):
@@ -194,13 +215,15 @@ class TRADES(BaseLoss):
 
     attack: Attack = field(default_factory=lambda: Attack("pgd", 0.3))
     beta: float = 6.0
+    eps_ramp_epochs: int = 0
     name = "trades"
     uses_clean_logits = True
 
     def craft(self, model, x, y, generator=None):
         """TRADES' inner maximization: the PGD loop on KL(f(x) || f(x')) from a small Gaussian start."""
-        steps = self.attack.steps_used
-        alpha = self.attack.alpha or 2.5 * self.attack.eps / steps
+        attack = self.epoch_attack
+        steps = attack.steps_used
+        alpha = attack.alpha or 2.5 * attack.eps / steps
         with eval_mode(model), frozen_parameters(model):
             with torch.no_grad():
                 p_clean = F.softmax(model(x), dim=1)
@@ -211,8 +234,8 @@ class TRADES(BaseLoss):
             def kl(logits: Tensor, _y: Tensor) -> Tensor:  # per example (N,)
                 return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="none").sum(1)
 
-            return projected_ascent(model, x, y, start, eps=self.attack.eps, alpha=alpha, steps=steps,
-                                    norm=self.attack.norm, loss_fn=kl)
+            return projected_ascent(model, x, y, start, eps=attack.eps, alpha=alpha, steps=steps, norm=attack.norm,
+                                    loss_fn=kl)
 
     def loss_from_logits(self, logits_adv, logits_clean, y):
         natural = F.cross_entropy(logits_clean, y)
@@ -263,13 +286,15 @@ class SNS(Objective):
         return self.active
 
     def on_epoch_start(self, model, epoch, probe, generator=None):
-        """Switch the regularizer on after warm-up; re-select S_l on the probe when due."""
+        """The base's epoch first (its eps ramp); then switch the regularizer on after warm-up and re-select
+        S_l on the probe when due."""
+        info = self.base.on_epoch_start(model, epoch, probe, generator)
         self.active = epoch >= self.warmup_epochs and self.lam > 0
         due = (epoch - self.warmup_epochs) % self.reselect_every == 0 or not self.selected
         if not (self.active and due):
-            return {}
+            return info
         x, y = probe
-        x_adv = self.base.attack(model, x, y, generator)
+        x_adv = self.base.epoch_attack(model, x, y, generator)
         smap = measure_sensitivity(model, [(x, x_adv)], self.watched_layers(model))
         dead = [layer for layer, act in smap.benign_activation.items() if float(act.max()) == 0.0]
         if dead:
@@ -278,7 +303,7 @@ class SNS(Objective):
         self.selected = {layer: idx.to(x.device) for layer, idx in smap.top(self.fraction).items()}
         self.last_map = smap
         log.debug("epoch %d: re-selected %s", epoch + 1, {k: v.numel() for k, v in self.selected.items()})
-        return {"probe/sensitivity_selected": smap.mean(selected=self.selected),
+        return {**info, "probe/sensitivity_selected": smap.mean(selected=self.selected),
                 "probe/sensitivity_all": smap.mean()}
 
     def loss(self, model, x, y, x_adv):
@@ -328,28 +353,29 @@ def _standard() -> Standard:
 
 
 @OBJECTIVES.register("pgd_at")
-def _pgd_at(attack: Attack) -> PGDAT:
-    return PGDAT(attack)
+def _pgd_at(attack: Attack, eps_ramp_epochs: int = 0) -> PGDAT:
+    return PGDAT(attack, eps_ramp_epochs)
 
 
 @OBJECTIVES.register("fast_at")
-def _fast_at(attack: Attack) -> FastAT:
+def _fast_at(attack: Attack, eps_ramp_epochs: int = 0) -> FastAT:
     """The training attack's eps and norm, FGSM from a random start (alpha: the attack's, else 1.25 eps)."""
-    return FastAT(Attack("fgsm_rs", attack.eps, norm=attack.norm, alpha=attack.alpha))
+    return FastAT(Attack("fgsm_rs", attack.eps, norm=attack.norm, alpha=attack.alpha), eps_ramp_epochs)
 
 
 @OBJECTIVES.register("trades")
-def _trades(attack: Attack, beta: float = 6.0) -> TRADES:
-    return TRADES(attack, beta)
+def _trades(attack: Attack, beta: float = 6.0, eps_ramp_epochs: int = 0) -> TRADES:
+    return TRADES(attack, beta, eps_ramp_epochs)
 
 
 @OBJECTIVES.register("sns")
 def _sns(attack: Attack, base: str = "pgd_at", beta: float = 6.0, lam: float = 0.1, distance: str = "l1",
          layers: list[str] | None = None, fraction: float = 0.1, reselect_every: int = 1,
-         warmup_epochs: int = 1, collapse_patience: int = 2) -> SNS:
+         warmup_epochs: int = 1, collapse_patience: int = 2, eps_ramp_epochs: int = 0) -> SNS:
     if base not in SNS_BASES:
         raise ValueError(f"unknown sns base {base!r}; choose one of: {', '.join(SNS_BASES)}")
-    base_objective = create_objective(base, attack=attack, **({"beta": beta} if base == "trades" else {}))
+    extra = {"beta": beta} if base == "trades" else {}
+    base_objective = create_objective(base, attack=attack, eps_ramp_epochs=eps_ramp_epochs, **extra)
     return SNS(base_objective, lam, distance, layers, fraction, reselect_every, warmup_epochs, collapse_patience)
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -38,6 +39,7 @@ class Comparison:
     clean: PairedDifference
     robust_name: str
     baseline: str
+    left_out: dict[int, str] = field(default_factory=dict)  # seed -> why it is not in the comparison
 
     def verdict(self) -> str:
         """e.g. 'sns lam=0.8 fraction=0.12: +2.9 ± 1.1 AutoAttack points over pgd_at (3/3 seeds, 95% CI
@@ -50,8 +52,9 @@ class Comparison:
         spread = "" if math.isnan(r.std) else f" ± {points(r.std, sign=False)}"
         word = {"higher": f"beats {self.baseline}", "lower": f"is worse than {self.baseline}",
                 "no clear difference": f"does not beat {self.baseline} (the interval includes 0)"}[r.verdict()]
+        missing = "".join(f"; seed {seed} left out: {why}" for seed, why in sorted(self.left_out.items()))
         return (f"{self.label}: {points(r.mean)}{spread} {self.robust_name} points over {self.baseline} "
-                f"({r.wins}/{r.n} seeds{interval}), {points(c.mean)} clean: {word}")
+                f"({r.wins}/{r.n} seeds{interval}), {points(c.mean)} clean: {word}{missing}")
 
 
 @dataclass
@@ -146,6 +149,7 @@ def summarize(study: StudyFile, grid, chosen: list[dict]) -> Confirmation:
         rows.append({"label": nslab["label"], "configuration": nslab["configuration"],
                      "seed": int(result.config["spec"]["experiment"]["train"]["seed"]),
                      "status": COMPLETE if final else "ERROR" if result.error else "INCOMPLETE",
+                     "failure": _failure(result.error),
                      "params": describe(nslab.get("params", {})) if nslab.get("params") else study.baseline_method(),
                      "search_trial": nslab.get("search_trial"), "mlflow_run_id": metrics.get("mlflow_run_id"),
                      "test_clean_acc": metrics.get("test/clean_acc") if final else None,
@@ -165,14 +169,25 @@ def summarize(study: StudyFile, grid, chosen: list[dict]) -> Confirmation:
         mine = [r for r in rows if r["configuration"] == f"config{number}" and r["test_robust_acc"] is not None]
         params = {p: row[f"param.{p}"] for p in study.search_space}
         label = f"{study.experiment.method} {describe(params)}"
+        failed = {r["seed"]: f"the {'baseline' if r['configuration'] == 'baseline' else 'configuration'} "
+                             f"{r['failure'] or 'did not finish'}" for r in rows
+                  if r["configuration"] in ("baseline", f"config{number}") and r["test_robust_acc"] is None}
         comparisons.append(Comparison(
             label, params,
             paired_difference({r["seed"]: r["test_robust_acc"] for r in mine},
                               {s: b["test_robust_acc"] for s, b in base.items()}),
             paired_difference({r["seed"]: r["test_clean_acc"] for r in mine},
                               {s: b["test_clean_acc"] for s, b in base.items()}),
-            robust_name, study.baseline_method() or "baseline"))
+            robust_name, study.baseline_method() or "baseline", failed))
     return Confirmation(rows, comparisons, study.confirm_seeds())
+
+
+def _failure(error) -> str | None:
+    """'collapsed (TrainingCollapsed)' from a trial's error, or None."""
+    if error is None:
+        return None
+    found = re.search(r"(TrainingCollapsed|TrainingDiverged|CatastrophicOverfitting)", str(error))
+    return f"failed ({found.group(1)})" if found else "failed"
 
 
 def _flags(metrics: dict) -> str:

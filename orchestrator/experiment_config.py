@@ -60,6 +60,7 @@ class TrainBlock(Strict):
     device: str = Field(_TC.device, pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     amp: bool = _TC.amp
     val_attack: Attack | None = None
+    eps_ramp_epochs: int = Field(0, ge=0)  # the training attack's eps grows over these first epochs
     val_batch_size: int = Field(_TC.val_batch_size, ge=1)
     probe_size: int = Field(_TC.probe_size, ge=1)
     sensitivity_fraction: float = Field(_TC.sensitivity_fraction, gt=0, le=1)
@@ -120,7 +121,8 @@ class ExperimentConfig(Strict):
 
     def objective_params(self) -> dict[str, Any]:
         """The keyword arguments of the method's factory, taken from the blocks by name."""
-        available = {"attack": self.attack, "beta": self.trades.beta, **self.sns.model_dump()}
+        available = {"attack": self.attack, "beta": self.trades.beta, "eps_ramp_epochs": self.train.eps_ramp_epochs,
+                     **self.sns.model_dump()}
         return {name: available[name] for name in objective_arguments(self.method) if name in available}
 
     def objective(self) -> Objective:
@@ -135,7 +137,7 @@ class ExperimentConfig(Strict):
         return self.train.val_attack or Attack("pgd", self.attack.eps, norm=self.attack.norm, steps=10)
 
     def train_config(self) -> TrainConfig:
-        values = self.train.model_dump(exclude={"val_attack"})
+        values = self.train.model_dump(exclude={"val_attack", "eps_ramp_epochs"})
         return TrainConfig(**{k: v for k, v in values.items() if k in _TRAIN_FIELDS}, val_attack=self.val_attack())
 
     def final_suite(self) -> list[Attack]:

@@ -60,7 +60,7 @@ def test_study_configs_load_with_absolute_locations(path, monkeypatch):
 def test_every_registered_method_takes_its_parameters_from_the_blocks(method):
     experiment = ExperimentConfig(method=method)
     assert experiment.objective().name == method
-    assert set(experiment.objective_params()) <= {"attack", "beta", *experiment.sns.model_dump()}
+    assert set(experiment.objective_params()) <= {"attack", "beta", "eps_ramp_epochs", *experiment.sns.model_dump()}
 
 
 def test_lambda_alias_and_canonical_paths():
