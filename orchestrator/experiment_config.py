@@ -74,7 +74,7 @@ class EvalBlock(Strict):
     attacks: list[Attack] | None = Field(None, min_length=1)
     examples: int | None = Field(None, ge=1)  # None: the whole test split
     cascade: bool = True  # each attack only on the examples still standing (as AutoAttack runs)
-    check_examples: int = Field(256, ge=1)  # examples the gradient-masking checks use
+    check_examples: int = Field(200, ge=1)  # examples the gradient-masking checks use
     sensitivity_examples: int = Field(500, ge=1)  # test images of the final sensitivity map
 
 

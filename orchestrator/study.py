@@ -44,6 +44,7 @@ from orchestrator.tuning import (
     nslab_settings,
     run_fixed,
     run_search,
+    spread,
     warmup_checkpoints,
 )
 
@@ -145,7 +146,8 @@ def _search_warmup(study: StudyFile, settings: dict, path: str, resources: dict)
         return None
     spec = TrialSpec("warmup", "warmup", study.baseline_experiment().model_copy(update={"name": "warmup"}),
                      settings={"until": max(keep), "keep_epochs": keep})
-    grid = run_fixed([spec], settings, path, "warmup", resources, max_failures=study.study.max_failures,
+    wide, wide_settings = spread(resources, settings, 1)  # the only trial running: it may use every core
+    grid = run_fixed([spec], wide_settings, path, "warmup", wide, max_failures=study.study.max_failures,
                      share_warmup=False, keep=None)
     checkpoints = warmup_checkpoints(grid).get("warmup")
     if not checkpoints:

@@ -136,6 +136,17 @@ def _fit(path: str, name: str, resources: dict[str, float], *, param_space: dict
     return grid
 
 
+def spread(resources: dict[str, float], settings: dict[str, Any], trials: int) -> tuple[dict, dict]:
+    """CPU-only phases with fewer trials than the cluster has cores (a study's warm-up) give each trial more
+    cores (torch threads) instead of leaving them idle; GPU trials keep their request."""
+    import ray
+
+    if resources.get("gpu", 0) > 0 or trials < 1:
+        return resources, settings
+    cpus = max(resources["cpu"], float(int(ray.cluster_resources().get("CPU", 1) // trials)))
+    return {**resources, "cpu": cpus}, {**settings, "cpus": cpus}
+
+
 def run_fixed(specs: Sequence[TrialSpec], settings: dict[str, Any], path: str, name: str,
               resources: dict[str, float], max_failures: int = 1, callbacks: Sequence[tune.Callback] = (),
               share_warmup: bool = True, keep: int | None = 2) -> tune.ResultGrid:
@@ -144,8 +155,9 @@ def run_fixed(specs: Sequence[TrialSpec], settings: dict[str, Any], path: str, n
     specs = list(specs)
     warmups = plan_warmups(specs) if share_warmup else {}
     if warmups:
-        grid = _fit(path, f"{name}-warmup", resources, param_space={"spec": tune.grid_search(
-            [w.config(settings) for w in warmups.values()])}, tune_config=tune.TuneConfig(
+        wide, wide_settings = spread(resources, settings, len(warmups))
+        grid = _fit(path, f"{name}-warmup", wide, param_space={"spec": tune.grid_search(
+            [w.config(wide_settings) for w in warmups.values()])}, tune_config=tune.TuneConfig(
             trial_dirname_creator=_trial_name, trial_name_creator=_trial_name, reuse_actors=True),
             max_failures=max_failures, callbacks=callbacks, keep=None)
         checkpoints = warmup_checkpoints(grid)
