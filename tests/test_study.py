@@ -61,7 +61,7 @@ def test_study_with_baseline_search_and_confirmation_end_to_end(local_ray, tmp_p
 
     # Tune + Optuna: the budget ran; the diverged trial failed with its reason; the baseline ran outside the search.
     rows = {r["trial_id"]: r for r in outcome.rows}
-    assert len(rows) == 4 and not outcome.interrupted
+    assert len(rows) == 4
     baseline = [r for r in rows.values() if r["role"] == "baseline"]
     assert len(baseline) == 1 and baseline[0]["status"] == "TERMINATED" and baseline[0]["param.sns.lam"] is None
     search = [r for r in rows.values() if r["role"] == "search"]
