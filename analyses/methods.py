@@ -29,7 +29,7 @@ from orchestrator.ray_runtime import trial_resources
 from orchestrator.stats import paired_difference, points
 from orchestrator.tracking import config_hash, git_commit
 from orchestrator.trial import STATE_FILE
-from orchestrator.tuning import TrialSpec, nslab_settings, run_fixed
+from orchestrator.tuning import TrialLog, TrialSpec, nslab_settings, run_fixed
 
 log = logging.getLogger(__name__)
 METRICS = ("clean_acc", "robust_acc", "sensitivity_all", "relative_sensitivity_all")
@@ -152,8 +152,10 @@ def run_methods(config: MethodsConfig, writer: ReportWriter, checkpoint_dir: Pat
         settings = {"tracking_uri": writer.tracking_uri(), "mlflow_experiment": writer.experiment_name(),
                     "parent_run_id": report.run_id, "study": tag, "cpus": config.resources.cpu}
         resources = trial_resources(config.resources.cpu, config.resources.gpu, keep_gpu)
+        progress = TrialLog(settings["tracking_uri"], settings["mlflow_experiment"],
+                            ["test/clean_acc", "test/robust_acc"])
         grid = run_fixed(specs, settings, storage, tag, resources, max_failures=config.max_failures,
-                         share_warmup=config.share_warmup)
+                         share_warmup=config.share_warmup, callbacks=[progress])
         per_seed, checkpoints = [], {}
         for result in grid:
             nslab = nslab_settings(result.config)

@@ -175,12 +175,6 @@ def ce_loss(logits: Tensor, y: Tensor) -> Tensor:
 LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_margin_loss}
 
 
-def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce") -> Tensor:
-    """Gradient of the summed per-example loss w.r.t. the input (same shape as x), model in eval mode."""
-    with eval_mode(model), frozen_parameters(model):
-        return _grad(model, x.detach().clone(), y, _loss_fn(loss))
-
-
 def _grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
     # Sum, not mean: a per-example step must not depend on the batch size.
     x.requires_grad_(True)
@@ -209,7 +203,7 @@ def _noise(kind: str, x: Tensor, generator: torch.Generator | None) -> Tensor:
     return draw(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+def _start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
     """A uniform point of the Linf eps-ball, or (L2) a Gaussian direction with a radius uniform in [0, eps]
     (as torchattacks PGDL2); clipped to [0, 1]."""
     if norm == "linf":
@@ -312,15 +306,11 @@ def pgd(
     x = x.detach()
 
     def run() -> Tensor:
-        start = random_start_or_x(x, eps, norm, random_start, generator)
+        start = _start(x, eps, norm, generator) if random_start else x.clone()
         return projected_ascent(model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn)
 
     with eval_mode(model), frozen_parameters(model):
         return _best_of(model, x, y, loss_fn, [run] * restarts)
-
-
-def random_start_or_x(x: Tensor, eps: float, norm: str, random: bool, generator: torch.Generator | None) -> Tensor:
-    return random_start(x, eps, norm, generator) if random else x.clone()
 
 
 @ATTACKS.register("mim")
@@ -405,7 +395,7 @@ def feature_pgd(
 
         runs = []
         for _ in range(restarts):
-            start = random_start(x, eps, norm, generator)
+            start = _start(x, eps, norm, generator)
             for loss_fn in (feature_loss, ce_loss):
                 runs.append(lambda start=start, loss_fn=loss_fn: projected_ascent(
                     model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn))
@@ -414,11 +404,6 @@ def feature_pgd(
 
 for _name in autoattack.STAGES:  # AutoAttack's reference code, behind ns_core/autoattack.py
     ATTACKS.register(_name)(getattr(autoattack, _name))
-
-
-def attack_names() -> list[str]:
-    """The registered attack names, sorted."""
-    return ATTACKS.names()
 
 
 def attack_parameters(name: str) -> dict[str, Any]:
