@@ -52,10 +52,10 @@ def _data(case: dict) -> DatasetSplits:
     return DatasetSplits("cifar-shaped", split, Split(x[-64:], y[-64:]), Split(x[-64:], y[-64:]), 10)
 
 
-def nslab_epoch(model, data: DatasetSplits, case: dict, device: torch.device):
+def nslab_epoch(model, data: DatasetSplits, case: dict, device: torch.device, amp: bool = True):
     attack = Attack("pgd", case["eps"], steps=STEPS)
     config = TrainConfig(epochs=1, batch_size=case["batch"], optimizer="adam", lr=1e-3, weight_decay=0.0,
-                         device=str(device), val_attack=attack, progress=False)
+                         device=str(device), amp=amp, val_attack=attack, progress=False)
     trainer = Trainer(model, create_objective("pgd_at", attack=attack), data, config)
     return lambda: trainer.train_epoch()
 
