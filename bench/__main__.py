@@ -3,8 +3,10 @@
     python -m bench                      # full mode, every benchmark (make bench)
     python -m bench --quick              # a few minutes on 2 CPU cores
     python -m bench --only attack_throughput --device cpu --threads 1 --out /tmp/bench
+    python -m bench --only scaling --study-reps 4   # whole studies: more repetitions, a narrower spread
 
-Benchmarks: attack_throughput, sns_step, sensitivity_measure, orchestration, scaling (see README.md, "Performance").
+Benchmarks: epoch, attack_throughput, sns_step, sensitivity_measure, warmup, orchestration, scaling (see
+README.md, "Performance"); `python -m bench.profile_epoch` shows where an epoch's time goes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ BENCHMARKS = ("epoch", "attack_throughput", "sns_step", "sensitivity_measure", "
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     speed = parser.add_mutually_exclusive_group()
@@ -35,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on CPU (default 1: 2-thread OpenMP on a shared box is erratic)")
+    parser.add_argument("--study-reps", type=_positive, default=None, metavar="N",
+                        help="repetitions of the benchmarks that run whole studies (warmup, orchestration, scaling); "
+                             "their spread is wide on a shared machine, more repetitions narrow it")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the result JSON files")
     return parser.parse_args(argv)
 
@@ -45,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     threads = args.threads or (torch.get_num_threads() if device.type == "cuda" else 1)
     torch.set_num_threads(threads)
-    ctx = Context(device=device, mode="tiny" if args.tiny else "quick" if args.quick else "full", threads=threads)
+    ctx = Context(device=device, mode="tiny" if args.tiny else "quick" if args.quick else "full", threads=threads,
+                  study_reps=args.study_reps)
     docs, failed = [], []
     for name in args.only or BENCHMARKS:
         print(f"== {name} ({ctx.mode}, {device}, {threads} thread(s))", flush=True)

@@ -46,6 +46,7 @@ class Context:
     device: torch.device
     mode: str = "quick"  # tiny (tests) | quick (minutes) | full
     threads: int = 1
+    study_reps: int | None = None  # repetitions of the whole-study benchmarks (None: the mode's)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -58,6 +59,10 @@ class Context:
     @property
     def warmup(self) -> int:
         return {"tiny": 1, "quick": 2, "full": 3}[self.mode]
+
+    def study_repetitions(self, tiny: int, quick: int, full: int) -> int:
+        """Repetitions of a benchmark that runs whole studies (minutes each): --study-reps, else the mode's."""
+        return self.study_reps or self.pick(tiny, quick, full)
 
     def pick(self, tiny, quick, full):
         """The value for this mode."""

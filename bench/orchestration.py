@@ -136,7 +136,7 @@ def _median(values: list[float]) -> float:
 
 def run(ctx: Context) -> dict:
     start = time.perf_counter()
-    trials, reps = ctx.pick(2, 2, 3), ctx.pick(1, 2, 2)
+    trials, reps = ctx.pick(2, 2, 3), ctx.study_repetitions(1, 2, 2)
     torch.set_num_threads(1)  # the bare trainings get what each trial gets (resources.cpu = 1)
     with tempfile.TemporaryDirectory(prefix="nslab-bench-") as tmp:
         root = Path(tmp)

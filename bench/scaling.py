@@ -31,7 +31,7 @@ NAME = "scaling"
 
 def run(ctx: Context) -> dict:
     start = time.perf_counter()
-    trials, reps = ctx.pick(2, 4, 4), ctx.pick(1, 1, 2)
+    trials, reps = ctx.pick(2, 4, 4), ctx.study_repetitions(1, 1, 2)
     levels = (1, 2)
     runs: dict[int, list[dict]] = {c: [] for c in levels}
     with tempfile.TemporaryDirectory(prefix="nslab-bench-") as tmp:

@@ -73,7 +73,7 @@ def run(ctx: Context) -> dict:
         variants = {name: (lambda name=name: runs[name].append(run_once(make_study(ctx, root, name == "shared",
                                                                                    trials))))
                     for name in runs}
-        times = interleave(variants, ctx.pick(1, 1, 2), 0, torch.device("cpu"))
+        times = interleave(variants, ctx.study_repetitions(1, 1, 2), 0, torch.device("cpu"))
     case = make_case(f"{trials} SNS trials + baseline", times,
                      ratios={"shared/unshared wall": ("shared", "unshared", None)},
                      params={"trials": trials, "concurrency": 2, "points": POINTS[:trials]})
