@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from ns_core.attacks import Attack
-from orchestrator.config import Strict, load_config, validate
+from orchestrator.config import Strict, config_kind, load_config, validate
 from orchestrator.experiment_config import ExperimentConfig, SNSBlock, TradesBlock, smoke_experiment
 from orchestrator.study_config import Resources, TrackingConfig
 
@@ -35,12 +35,14 @@ class SensitivityBlock(Strict):
     attack: Attack | None = None  # None: PGD-10 at the training attack's norm and eps
 
 
+@config_kind("a methods-analysis config", "python -m pipelines.analyze methods")
 class MethodsConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     experiment: ExperimentConfig
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
     paired: list[tuple[str, str]] = Field(default_factory=lambda: [("sns", "pgd_at")])
+    margin: float = Field(1.0, gt=0)  # equivalence margin of the paired verdicts, in accuracy points
     sensitivity: SensitivityBlock = Field(default_factory=SensitivityBlock)
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(1, ge=0)

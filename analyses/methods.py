@@ -26,10 +26,12 @@ from analyses.plots import methods_figure
 from analyses.report import ReportWriter
 from orchestrator.config import settings_text
 from orchestrator.ray_runtime import trial_resources
-from orchestrator.stats import paired_difference, points
+from orchestrator.results import Status, mean_std, rows_table, verdict_sentence
+from orchestrator.stats import decide, paired_difference, probability_of_improvement
 from orchestrator.tracking import config_hash, git_commit
 from orchestrator.trial import STATE_FILE
-from orchestrator.tuning import TrialLog, TrialSpec, nslab_settings, run_fixed
+from orchestrator.trials import Record, Role, TrialSettings
+from orchestrator.tuning import TrialLog, result_status, run_fixed
 
 log = logging.getLogger(__name__)
 METRICS = ("clean_acc", "robust_acc", "sensitivity_all", "relative_sensitivity_all")
@@ -45,13 +47,6 @@ class MethodsResult:
     seconds: float
 
 
-def rows_table(rows: list[dict]) -> pa.Table:
-    """Rows -> table over the union of their keys (from_pylist alone takes the first row's keys: a failed
-    first seed would drop every metric column)."""
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    return pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows])
-
-
 def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else float("nan")
 
@@ -61,9 +56,9 @@ def summarize(per_seed: list[dict], labels: list[str]) -> list[dict]:
     metrics = [*METRICS, *sorted({k for r in per_seed for k in r if k.startswith("acc_")})]
     out = []
     for label in labels:
-        ok = [r for r in per_seed if r["method"] == label and r["status"] == "ok"]
+        ok = [r for r in per_seed if r["method"] == label and r["status"] == Status.COMPLETE]
         row: dict = {"method": label, "seeds_ok": len(ok),
-                     "seeds_failed": sum(1 for r in per_seed if r["method"] == label and r["status"] != "ok")}
+                     "seeds_failed": sum(r["method"] == label and r["status"] != Status.COMPLETE for r in per_seed)}
         for metric in metrics:
             values = [r[metric] for r in ok if r.get(metric) is not None]
             row[f"{metric}_mean"] = statistics.fmean(values) if values else float("nan")
@@ -72,9 +67,11 @@ def summarize(per_seed: list[dict], labels: list[str]) -> list[dict]:
     return out
 
 
-def paired_differences(per_seed: list[dict], pairs: list[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
-    """Per seed a - b for each metric (seeds where both succeeded), and their mean, std, 95% CI and wins."""
-    by = {(r["method"], r["seed"]): r for r in per_seed if r["status"] == "ok"}
+def paired_differences(per_seed: list[dict], pairs: list[tuple[str, str]],
+                       margin: float = 0.01) -> tuple[list[dict], list[dict]]:
+    """Per seed a - b for each metric (seeds where both completed), and their mean, std, 95% CI, wins, paired
+    bootstrap probability and decision (orchestrator/stats.py)."""
+    by = {(r["method"], r["seed"]): r for r in per_seed if r["status"] == Status.COMPLETE}
     rows, summary = [], []
     for a, b in pairs:
         for metric in METRICS:
@@ -87,15 +84,10 @@ def paired_differences(per_seed: list[dict], pairs: list[tuple[str, str]]) -> tu
             summary.append({"a": a, "b": b, "metric": metric, "seeds": diff.n, "mean": diff.mean, "std": diff.std,
                             "ci95_low": low, "ci95_high": high, "min": min(diff.differences, default=math.nan),
                             "max": max(diff.differences, default=math.nan), "a_higher": diff.wins,
-                            "verdict": diff.verdict()})
+                            "p_improvement": probability_of_improvement(diff), "decision": str(decide(diff, margin)),
+                            "verdict": verdict_sentence(f"{a} vs {b} ({metric})", a, b, diff, None,
+                                                        robust_name=metric.removesuffix("_acc"), margin=margin)})
     return rows, summary
-
-
-def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    spread = "" if math.isnan(std) else f" ± {std * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f}{spread}"
 
 
 def format_table(summary: list[dict], paired: list[dict], robust_name: str) -> str:
@@ -103,25 +95,19 @@ def format_table(summary: list[dict], paired: list[dict], robust_name: str) -> s
     lines = [f"{'method':<14}{'seeds':>6}  {'clean %':>12}  {f'robust % ({robust_name})':>24}  {'sens abs':>17}  "
              f"{'sens rel':>15}"]
     for r in summary:
-        lines.append(f"{r['method']:<14}{r['seeds_ok']:>6}  {_pm(r['clean_acc_mean'], r['clean_acc_std']):>12}  "
-                     f"{_pm(r['robust_acc_mean'], r['robust_acc_std']):>24}  "
-                     f"{_pm(r['sensitivity_all_mean'], r['sensitivity_all_std'], 1, 4):>17}  "
-                     f"{_pm(r['relative_sensitivity_all_mean'], r['relative_sensitivity_all_std'], 1, 3):>15}")
-    for p in paired:
-        if p["metric"] in ("clean_acc", "robust_acc"):
-            low, high = p["ci95_low"], p["ci95_high"]
-            interval = "" if math.isnan(low) else f", 95% CI {points(low)} to {points(high)}"
-            spread = "" if math.isnan(p["std"]) else f" ± {points(p['std'], sign=False)}"
-            lines.append(f"paired {p['a']} - {p['b']} {p['metric']}: {points(p['mean'])}{spread} points over "
-                         f"{p['seeds']} seeds ({p['a']} higher in {p['a_higher']}/{p['seeds']}{interval}): "
-                         f"{p['verdict']}")
+        lines.append(f"{r['method']:<14}{r['seeds_ok']:>6}  {mean_std(r['clean_acc_mean'], r['clean_acc_std']):>12}  "
+                     f"{mean_std(r['robust_acc_mean'], r['robust_acc_std']):>24}  "
+                     f"{mean_std(r['sensitivity_all_mean'], r['sensitivity_all_std'], 1, 4):>17}  "
+                     f"{mean_std(r['relative_sensitivity_all_mean'], r['relative_sensitivity_all_std'], 1, 3):>15}")
+    lines += [f"paired {p['verdict']}" for p in paired if p["metric"] in ("clean_acc", "robust_acc")]
     return "\n".join(lines)
 
 
-def _per_seed_row(label: str, method: str, seed: int, result) -> dict:
+def _per_seed_row(settings: TrialSettings, result) -> dict:
     metrics = result.metrics or {}
-    ok = result.error is None and bool(metrics.get("final"))
-    row = {"method": label, "objective": method, "seed": seed, "status": "ok" if ok else "failed",
+    outcome = result_status(result)
+    ok = outcome == Status.COMPLETE
+    row = {"method": settings.arm, "objective": settings.method, "seed": settings.seed, "status": str(outcome),
            "error": "" if ok else str(result.error or "did not finish").splitlines()[0][:500],
            "mlflow_run_id": metrics.get("mlflow_run_id")}
     if ok:
@@ -141,34 +127,33 @@ def run_methods(config: MethodsConfig, writer: ReportWriter, checkpoint_dir: Pat
     start = time.perf_counter()
     tag = f"{config.name}-{config_hash(config.model_dump(mode='json', exclude={'resources', 'tracking', 'storage'}))}"
     run_dir = (checkpoint_dir / tag).resolve()
-    specs = [TrialSpec(f"{entry.label}-seed{seed}", "method", config.experiment_for(entry, seed), evaluate=True,
-                       settings={"method_label": entry.label})
-             for seed in config.seeds for entry in config.methods]
     params = {"config": config.model_dump(mode="json"), "checkpoint_dir": str(run_dir)}
     with writer.parent(f"methods-{config.name}", params=params,
                        tags={"nslab.analysis": "methods", "nslab.git_commit": git_commit(),
                              "nslab.config_hash": tag}) as report:
         writer.text(report, settings_text(config), "methods/config.yaml")
-        settings = {"tracking_uri": writer.tracking_uri(), "mlflow_experiment": writer.experiment_name(),
-                    "parent_run_id": report.run_id, "study": tag, "cpus": config.resources.cpu}
+        record = Record(writer.tracking_uri(), writer.experiment_name(), report.run_id, tag)
+        trials = [TrialSettings(role=Role.METHOD, label=f"{entry.label}-seed{seed}", arm=entry.label, record=record,
+                                experiment=config.experiment_for(entry, seed).model_dump(mode="json"), evaluate=True)
+                  for seed in config.seeds for entry in config.methods]
         resources = trial_resources(config.resources.cpu, config.resources.gpu, keep_gpu)
-        progress = TrialLog(settings["tracking_uri"], settings["mlflow_experiment"],
-                            ["test/clean_acc", "test/robust_acc"])
-        grid = run_fixed(specs, settings, storage, tag, resources, max_failures=config.max_failures,
+        progress = TrialLog(record.tracking_uri, record.mlflow_experiment, ["test/clean_acc", "test/robust_acc"],
+                            phase="methods")
+        grid = run_fixed(trials, storage, tag, resources, record=record, max_failures=config.max_failures,
                          share_warmup=config.share_warmup, callbacks=[progress])
         per_seed, checkpoints = [], {}
         for result in grid:
-            nslab = nslab_settings(result.config)
-            label, seed = nslab["method_label"], int(result.config["spec"]["experiment"]["train"]["seed"])
-            row = _per_seed_row(label, result.config["spec"]["experiment"]["method"], seed, result)
+            settings = TrialSettings.of(result.config)
+            row = _per_seed_row(settings, result)
             per_seed.append(row)
-            if row["status"] == "ok" and result.checkpoint is not None:
+            label, seed = settings.arm, settings.seed
+            if row["status"] == Status.COMPLETE and result.checkpoint is not None:
                 checkpoints[label, seed] = _copy_final(result.checkpoint, run_dir / f"{label}-seed{seed}.pt")
         order = {(e.label, s): i for i, (s, e) in enumerate((s, e) for s in config.seeds for e in config.methods)}
         per_seed.sort(key=lambda r: order[r["method"], r["seed"]])
         labels = [m.label for m in config.methods]
         summary = summarize(per_seed, labels)
-        paired, paired_summary = paired_differences(per_seed, [tuple(p) for p in config.paired])
+        paired, paired_summary = paired_differences(per_seed, [tuple(p) for p in config.paired], config.margin / 100)
         tables = {"methods/per_seed.parquet": rows_table(per_seed), "methods/summary.parquet": rows_table(summary),
                   "methods/paired.parquet": rows_table(paired),
                   "methods/paired_summary.parquet": rows_table(paired_summary)}

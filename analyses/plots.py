@@ -17,6 +17,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from orchestrator.results import Status  # noqa: E402
+
 SELECTION_STYLE = {  # stabilize curves
     "sensitive": {"color": "tab:red", "label": "top-k most sensitive neurons", "marker": "o"},
     "random_all": {"color": "tab:gray", "label": "k random neurons (all), mean ± std", "marker": "s"},
@@ -48,7 +50,7 @@ def methods_figure(per_seed: list[dict], summary: list[dict], paired: list[dict]
     ax_acc, ax_pair, ax_abs, ax_rel = fig.subplots(1, 4, gridspec_kw={"width_ratios": [2.2, 1.6, 1, 1]})
     color = colors(labels)
     by_label = {r["method"]: r for r in summary}
-    ok = [r for r in per_seed if r["status"] == "ok"]
+    ok = [r for r in per_seed if r["status"] == Status.COMPLETE]
     width = 0.38
     for i, label in enumerate(labels):
         s = by_label[label]
@@ -212,9 +214,9 @@ def study_scatter_figure(trials: list[dict], rho: dict[tuple[str, str], tuple[fl
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, key, xlabel in ((axes[0], "sensitivity_all", ABS_LABEL), (axes[1], "relative_sensitivity_all", REL_LABEL)):
-        for finished, marker, name in ((True, "o", "finished trial"), (False, "x", "failed / stopped early")):
+        for finished, marker, name in ((True, "o", "completed trial"), (False, "x", "failed / stopped early")):
             pts = [r for r in trials if r.get(key) is not None and r.get("robust_acc") is not None
-                   and (r["status"] == "FINISHED") == finished]
+                   and (r["status"] == Status.COMPLETE) == finished]
             if not pts:
                 continue
             ax.scatter([r[key] for r in pts], [100 * r["robust_acc"] for r in pts], marker=marker,

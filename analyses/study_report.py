@@ -23,9 +23,10 @@ from scipy.stats import spearmanr
 from analyses.plots import study_maps_figure, study_scatter_figure
 from analyses.report import ReportWriter
 from orchestrator.plots import pareto_figure
+from orchestrator.results import Status, objective_points, pareto_mask, run_status
 from orchestrator.study import STUDY_TAG
 from orchestrator.tracking import PARENT_TAG, Tracker, git_commit
-from orchestrator.trial import ROLE_TAG
+from orchestrator.trial import ARM_TAG, ROLE_TAG
 
 log = logging.getLogger(__name__)
 SENSITIVITIES = ("sensitivity_all", "relative_sensitivity_all")
@@ -59,7 +60,8 @@ def trial_rows(tracker: Tracker, parent) -> list[dict]:
         if run.data.tags.get(ROLE_TAG, "search") not in ("search", "baseline"):
             continue
         metrics = run.data.metrics
-        rows.append({"trial": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
+        rows.append({"trial": run.info.run_name, "run_id": run.info.run_id,
+                     "status": run_status(run.info.status, run.data.tags), "arm": run.data.tags.get(ARM_TAG, ""),
                      "role": run.data.tags.get(ROLE_TAG, "search"),
                      "failure_reason": run.data.tags.get("failure_reason", ""),
                      **{m: metrics.get(f"val/{m}") for m in METRICS}})
@@ -76,17 +78,16 @@ def mark_front(tracker: Tracker, parent, rows: list[dict]) -> str:
             for row in rows:
                 row["on_front"] = row["run_id"] in ids
             return "the study's study/pareto.parquet"
-    done = [r for r in rows if r["status"] == "FINISHED" and r["clean_acc"] is not None and r["robust_acc"] is not None]
-    for row in rows:
-        row["on_front"] = any(row is d for d in done) and not any(
-            o is not row and o["clean_acc"] >= row["clean_acc"] and o["robust_acc"] >= row["robust_acc"]
-            and (o["clean_acc"], o["robust_acc"]) != (row["clean_acc"], row["robust_acc"]) for o in done)
-    return "computed over finished trials"
+    objectives = [("robust_acc", "max"), ("clean_acc", "max")]
+    front = pareto_mask(objective_points(rows, objectives, [r["status"] == Status.COMPLETE for r in rows]))
+    for row, on in zip(rows, front, strict=True):
+        row["on_front"] = on
+    return "computed over completed trials"
 
 
 def spearman(rows: list[dict], key: str, finished_only: bool = False) -> tuple[float, float, int]:
     pts = [(r[key], r["robust_acc"]) for r in rows if r[key] is not None and r["robust_acc"] is not None
-           and (r["status"] == "FINISHED" or not finished_only)]
+           and (r["status"] == Status.COMPLETE or not finished_only)]
     if len(pts) < 3 or len({p[0] for p in pts}) == 1 or len({p[1] for p in pts}) == 1:
         return float("nan"), float("nan"), len(pts)  # undefined: too few trials, or a constant variable
     result = spearmanr([p[0] for p in pts], [p[1] for p in pts])
@@ -141,11 +142,9 @@ def study_report(source: Tracker, name: str, writer: ReportWriter) -> str:
              for (k, subset), v in rho.items()]), "study_report/correlation.parquet")
         writer.figure(report, study_scatter_figure(rows, rho, subtitle),
                       "plots/robust_vs_sensitivity.png")
-        search = [r for r in rows if r["role"] == "search"]
-        writer.figure(report, pareto_figure(search, [("robust_acc", "max"), ("clean_acc", "max")],
-                                            [r["on_front"] for r in search],
-                                            reference=next((r for r in rows if r["role"] == "baseline"), None),
-                                            title=f"Pareto front: {front_source}"), "plots/pareto.png")
+        writer.figure(report, pareto_figure(rows, [("robust_acc", "max"), ("clean_acc", "max")],
+                                            [r["on_front"] for r in rows], title=f"Pareto fronts: {front_source}"),
+                      "plots/pareto.png")
         maps = {}
         picked = pick_best_worst(source, ranked)
         for role, row, table in picked:
@@ -157,7 +156,7 @@ def study_report(source: Tracker, name: str, writer: ReportWriter) -> str:
             writer.figure(report, study_maps_figure(maps, subtitle), "plots/best_worst_sensitivity.png")
         writer.metrics(report, {f"spearman_{k}_{subset}": v[0] for (k, subset), v in rho.items()
                                 if not math.isnan(v[0])})
-    lines = [f"study {name!r}: {len(rows)} trials ({sum(r['status'] == 'FINISHED' for r in rows)} finished)"]
+    lines = [f"study {name!r}: {len(rows)} trials ({sum(r['status'] == Status.COMPLETE for r in rows)} completed)"]
     for (key, subset), (r, p, n) in rho.items():
         lines.append(f"Spearman rho(robust_acc, {key}) over {subset} trials = {r:.3f} (p = {p:.3g}, n = {n})")
     for role, row, _ in picked:

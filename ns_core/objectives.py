@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ns_core.attacks import Attack, projected_ascent
+from ns_core.models import studied_layers
 from ns_core.registry import Registry
 from ns_core.sensitivity import ActivationCapture, SensitivityMap, measure_sensitivity
 from ns_core.utils import bn_stats_frozen, eval_mode, frozen_parameters
@@ -95,8 +96,9 @@ class Objective:
         raise NotImplementedError
 
     def watched_layers(self, model: nn.Module) -> list[str]:
-        """The layers whose sensitivity this objective cares about (default: the model's default layers)."""
-        return list(model.default_layers)
+        """The layers whose sensitivity this objective cares about: the model's default layers, or those nslab
+        proposes for a model without them (`studied_layers`)."""
+        return studied_layers(model)
 
     def selected_neurons(self) -> dict[str, Tensor] | None:
         """The neurons it stabilizes, per layer, or None when it selects none."""
@@ -151,11 +153,11 @@ class BaseLoss(Objective):
     def on_epoch_start(self, model, epoch, probe, generator=None):
         if epoch >= self.eps_ramp_epochs:
             self._epoch_attack = self.attack
-            return {}
-        scale = (epoch + 1) / (self.eps_ramp_epochs + 1)
-        alpha = None if self.attack.alpha is None else self.attack.alpha * scale
-        self._epoch_attack = self.attack.replace(eps=self.attack.eps * scale, alpha=alpha)
-        return {"train/attack_eps": self._epoch_attack.eps}
+        else:
+            scale = (epoch + 1) / (self.eps_ramp_epochs + 1)
+            alpha = None if self.attack.alpha is None else self.attack.alpha * scale
+            self._epoch_attack = self.attack.replace(eps=self.attack.eps * scale, alpha=alpha)
+        return {"train/attack_eps": self._epoch_attack.eps}  # every epoch: the last value is the trained eps
 
     def craft(self, model, x, y, generator=None):
         return self.epoch_attack(model, x, y, generator)
@@ -253,7 +255,7 @@ class SNS(Objective):
     base: BaseLoss = field(default_factory=PGDAT)
     lam: float = 0.1
     distance: str = "l1"
-    layers: list[str] | None = None  # None: the model's default_layers
+    layers: list[str] | None = None  # None: the model's default_layers, else proposed ones (studied_layers)
     fraction: float = 0.1
     reselect_every: int = 1
     warmup_epochs: int = 1
@@ -276,7 +278,7 @@ class SNS(Objective):
         return self.base.craft(model, x, y, generator)
 
     def watched_layers(self, model):
-        return list(self.layers) if self.layers else list(model.default_layers)
+        return studied_layers(model, self.layers)
 
     def selected_neurons(self):
         return self.selected or None

@@ -17,6 +17,7 @@ of the concatenation: on CPU a doubled batch falls out of cache and costs 1.2-1.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -44,13 +45,16 @@ RELATIVE_FLOOR = 1e-3  # x the layer's mean benign activation, for neurons silen
 
 
 def resolve_layers(model: nn.Module, layers: Iterable[str]) -> dict[str, nn.Module]:
-    """Map layer names to modules; an unknown name raises with the valid names."""
+    """Map layer names to modules; an unknown name is a one-line ValueError with the closest valid name and
+    all of them. (`ns_core.models.studied_layers` chooses the layers and checks they run once per forward.)"""
     modules = dict(model.named_modules())
     resolved = {}
     for name in layers:
         if name not in modules or name == "":
-            valid = ", ".join(n for n in modules if n)
-            raise ValueError(f"unknown layer {name!r}; layers of this model are: {valid}")
+            valid = [n for n in modules if n]
+            close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown layer {name!r}{hint}; layers of this model are: {', '.join(valid)}")
         resolved[name] = modules[name]
     if not resolved:
         raise ValueError("no layers given; pass module names from model.named_modules()")

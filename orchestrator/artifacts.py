@@ -1,12 +1,13 @@
-"""Arrow schemas and Parquet writers for study results.
+"""Arrow schemas and the study's tables, built from its trial rows (docs/design.md, "Artifacts").
 
 Per run (MLflow artifacts, written by orchestrator/run.py): sensitivity/epoch_NNN.parquet,
     sensitivity/sensitivity_per_layer.png, eval/robust_accuracy.parquet, eval/checks.parquet
 Per study (on the parent run): study/trials.parquet, study/pareto.parquet, study/param_importances.parquet,
-    study/confirmation.parquet and the PNGs beside them
+    study/compute.parquet, study/rung_correlation.parquet, study/confirmation.parquet, the PNGs beside them,
+    study/report.md and study/verdict.txt
 
     table = trials_table(rows, study.search_space, ["val/robust_acc", "val/clean_acc"])
-    front = pareto_mask(rows, [("val/robust_acc", "max"), ("val/clean_acc", "max")], epochs=10)
+    compute = compute_table(rows, "val/robust_acc", "max")     # best so far against cumulative training time
 """
 
 from __future__ import annotations
@@ -20,17 +21,27 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.results import Status, finite
 from orchestrator.study_config import ParamSpec
 
 TRIAL_FIELDS = [
-    pa.field("trial_id", pa.string()), pa.field("number", pa.int32()), pa.field("role", pa.string()),
-    pa.field("status", pa.string()), pa.field("failure_reason", pa.string()), pa.field("epochs", pa.int32()),
+    pa.field("trial_id", pa.string()), pa.field("arm", pa.string()), pa.field("number", pa.int32()),
+    pa.field("label", pa.string()), pa.field("role", pa.string()), pa.field("status", pa.string()),
+    pa.field("failure_reason", pa.string()), pa.field("epochs", pa.int32()), pa.field("budget_epochs", pa.int32()),
     pa.field("forked_at", pa.int32()), pa.field("best_epoch", pa.int32()), pa.field("wall_seconds", pa.float64()),
-    pa.field("train_seconds", pa.float64()), pa.field("sensitivity_selected", pa.float64()),
-    pa.field("sensitivity_all", pa.float64()), pa.field("mlflow_run_id", pa.string()),
+    pa.field("train_seconds", pa.float64()), pa.field("regularized_epoch_seconds", pa.float64()),
+    pa.field("base_epoch_seconds", pa.float64()), pa.field("finished_at", pa.float64()),
+    pa.field("sensitivity_selected", pa.float64()), pa.field("sensitivity_all", pa.float64()),
+    pa.field("mlflow_run_id", pa.string()),
 ]  # then one `param.<path>` column per searched parameter and one column per objective metric (validation)
-IMPORTANCE_SCHEMA = pa.schema([("objective", pa.string()), ("param", pa.string()), ("importance", pa.float64())])
-COMPLETE = "TERMINATED"  # trained every epoch; STOPPED_EARLY (ASHA), ERROR and INCOMPLETE are the others
+IMPORTANCE_SCHEMA = pa.schema([("objective", pa.string()), ("param", pa.string()), ("importance", pa.float64()),
+                               ("trials", pa.int32())])
+COMPUTE_SCHEMA = pa.schema([
+    ("arm", pa.string()), ("order", pa.int32()), ("label", pa.string()), ("status", pa.string()),
+    ("train_seconds", pa.float64()), ("cumulative_train_seconds", pa.float64()), ("epochs", pa.int32()),
+    ("cumulative_epochs", pa.int32()), ("value", pa.float64()), ("best_so_far", pa.float64())])
+RUNG_SCHEMA = pa.schema([("arm", pa.string()), ("rung_epoch", pa.int32()), ("trials", pa.int32()),
+                         ("spearman_rho", pa.float64())])
 
 
 def param_type(spec: ParamSpec) -> pa.DataType:
@@ -57,31 +68,55 @@ def trials_table(rows: Sequence[Mapping[str, Any]], search_space: Mapping[str, P
     schema = trials_schema(search_space, objectives)
     columns = {name: [] for name in schema.names}
     for row in rows:
-        for field in schema:
-            value = row.get(field.name)
+        for column in schema:
+            value = row.get(column.name)
             if isinstance(value, float) and math.isnan(value):
                 value = None
-            if value is not None and pa.types.is_string(field.type) and not isinstance(value, str):
+            if value is not None and pa.types.is_string(column.type) and not isinstance(value, str):
                 value = json.dumps(value)
-            columns[field.name].append(value)
+            columns[column.name].append(value)
     return pa.table(columns, schema=schema)
 
 
-def pareto_mask(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
-                epochs: int) -> list[bool]:
-    """True for trials on the Pareto front: completed (every epoch trained; ASHA-stopped trials reach
-    Optuna as COMPLETE too, so the status and the last epoch decide) and dominated by no other."""
-    def values(row):
-        return [row[m] if mode == "max" else -row[m] for m, mode in objectives]
+def compute_table(rows: Sequence[Mapping[str, Any]], metric: str, mode: str) -> pa.Table:
+    """Per arm, its trials in the order they finished: training seconds and epochs, cumulative, and the best
+    primary objective of a completed trial so far (stopped trials cost compute but are not candidates)."""
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = sorted((r for r in rows if r["arm"] == arm and r.get("finished_at") is not None),
+                      key=lambda r: r["finished_at"])
+        seconds, epochs, best = 0.0, 0, None
+        for order, row in enumerate(mine, start=1):
+            seconds += row.get("train_seconds") or 0.0
+            trained = (row.get("epochs") or 0) - (row.get("forked_at") or 0)
+            epochs += max(trained, 0)
+            value = row.get(metric)
+            if row["status"] == Status.COMPLETE and finite(value):
+                best = value if best is None or (value > best if mode == "max" else value < best) else best
+            out.append({"arm": arm, "order": order, "label": row["label"], "status": str(row["status"]),
+                        "train_seconds": row.get("train_seconds"), "cumulative_train_seconds": seconds,
+                        "epochs": max(trained, 0), "cumulative_epochs": epochs,
+                        "value": value if finite(value) else None, "best_so_far": best})
+    return pa.Table.from_pylist(out, schema=COMPUTE_SCHEMA)
 
-    eligible = [row.get("status") == COMPLETE and row.get("epochs") == epochs
-                and all(row.get(m) is not None and not math.isnan(row[m]) for m, _ in objectives) for row in rows]
-    points = [values(row) if ok else None for row, ok in zip(rows, eligible, strict=True)]
 
-    def dominated(p):
-        return any(q is not None and q != p and all(a >= b for a, b in zip(q, p, strict=True)) for q in points)
+def rung_table(rows: Sequence[Mapping[str, Any]], histories: Mapping[str, Mapping[int, float]], rungs: Sequence[int],
+               metric: str) -> pa.Table:
+    """Per arm and rung: Spearman's rank correlation between each completed trial's validation metric at the
+    rung and its final one (how far the cheap signal ASHA stops trials on can be trusted); NaN below 3 trials."""
+    from scipy.stats import spearmanr
 
-    return [p is not None and not dominated(p) for p in points]
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        done = [r for r in rows if r["arm"] == arm and r["status"] == Status.COMPLETE and finite(r.get(metric))]
+        for rung in rungs:
+            pairs = [(histories[r["trial_id"]][rung], r[metric]) for r in done
+                     if finite(histories.get(r["trial_id"], {}).get(rung)) and rung < (r.get("epochs") or 0)]
+            rho = math.nan
+            if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1 and len({b for _, b in pairs}) > 1:
+                rho = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
+            out.append({"arm": arm, "rung_epoch": rung, "trials": len(pairs), "spearman_rho": rho})
+    return pa.Table.from_pylist(out, schema=RUNG_SCHEMA)
 
 
 def write_table(table: pa.Table, path: str | Path) -> Path:

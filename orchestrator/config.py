@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     """The base of every config model: unknown keys are errors, fields answer to their name and alias."""
 
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, allow_inf_nan=False)
 
 
 def registered(registry: Registry, name: str) -> str:
@@ -82,23 +82,104 @@ def deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
-def load_config(path: str | Path, cls: type[M], overrides: dict[str, Any] | None = None) -> M:
-    """Read, merge and validate a YAML file as `cls`; `overrides` ({dotted path: value}) go on top."""
+KINDS: dict[type, tuple[str, str]] = {}  # config class -> (what it is, the command that runs it)
+
+
+def config_kind(what: str, command: str):
+    """Register a top-level config class, so a file of another kind given to it is one clear line."""
+    def decorator(cls: type[M]) -> type[M]:
+        KINDS[cls] = (what, command)
+        return cls
+    return decorator
+
+
+def load_config(path: str | Path, cls: type[M], overrides: dict[str, Any] | None = None,
+                origins: dict[str, str] | None = None) -> M:
+    """Read, merge and validate a YAML file as `cls`; `overrides` ({dotted path: value}) go on top and get the
+    same checks. An error in an overridden field names where it came from: `origins` maps a path to the flag
+    that set it (default `--set PATH=VALUE`)."""
     data = read_yaml(path)
+    _check_kind(data, cls, path)
+    given = {}
     for dotted, value in (overrides or {}).items():
-        _set_path(data, canonical_path(cls, dotted, source=str(path)), value)
-    return validate(cls, data, source=str(path))
+        full = canonical_path(cls, dotted, source=str(path))
+        _set_path(data, full, _number(full, value))
+        given[full] = (origins or {}).get(dotted) or f"--set {dotted}={_shown(value)}"
+    return validate(cls, data, source=str(path), origins=given)
 
 
-def validate(cls: type[M], data: Any, source: str | None = None) -> M:
-    """`cls.model_validate(data)` with every error as one ConfigError line."""
-    where = f" (in {source})" if source else ""
+def validate(cls: type[M], data: Any, source: str | None = None, origins: dict[str, str] | None = None) -> M:
+    """`cls.model_validate(data)` with every error as one ConfigError line; an error in a field that `origins`
+    names ({dotted path: '--set sns.lam=inf'}) says it came from there instead of from `source`."""
+    data = _fractions(data)
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"config error: {format_errors(err, cls)}{where}") from None
+        parts, froms = [], []
+        for e in err.errors():
+            parts.append(_format_error(e, cls))
+            froms.append(_origin(".".join(str(p) for p in e["loc"]), origins or {}))
+        raise ConfigError(f"config error: {'; '.join(parts)}{_where(source, froms, origins)}") from None
     except ValueError as err:
-        raise ConfigError(f"config error: {' '.join(str(err).split())}{where}") from None
+        raise ConfigError(f"config error: {' '.join(str(err).split())}{_where(source, [None], origins)}") from None
+
+
+def _origin(loc: str, origins: dict[str, str]) -> str | None:
+    """The flag that set the field at `loc` (or a field inside it, or the block around it)."""
+    for path, flag in origins.items():
+        if loc and (loc == path or path.startswith(f"{loc}.") or loc.startswith(f"{path}.")):
+            return flag
+    return None
+
+
+def _where(source: str | None, froms: list[str | None], origins: dict[str, str] | None) -> str:
+    """Where the bad values came from: the flags that set them, the file, or both."""
+    flags = list(dict.fromkeys(f for f in froms if f))
+    if flags and all(froms):
+        return f" (from {', '.join(flags)})"
+    if not source:
+        return f" (from {', '.join(flags)})" if flags else ""
+    return f" (in {source}{' and from ' + ', '.join(flags) if flags else ''})"
+
+
+def _shown(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _number(path: str, value: Any) -> Any:
+    """An eps given as a fraction ('8/255', as the threat-model guard suggests) is that number."""
+    if path.split(".")[-1] == "eps" and isinstance(value, str):
+        from ns_core.attacks import parse_eps
+
+        try:
+            return parse_eps(value, path)
+        except ValueError as err:
+            raise ConfigError(f"config error: {err}") from None
+    return value
+
+
+def _fractions(data: Any) -> Any:
+    """Every `eps: 8/255` in a config tree read as the number it names."""
+    if isinstance(data, dict):
+        return {k: _number(str(k), _fractions(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_fractions(v) for v in data]
+    return data
+
+
+def _check_kind(data: dict, cls: type, path: str | Path) -> None:
+    """A file of another config kind (an experiment given to the study pipeline) is one line saying so."""
+    if cls not in KINDS:
+        return
+    fields = set(_block_fields(cls)) | {alias for alias, _ in _block_fields(cls).values() if alias} | {"base"}
+    if set(data) <= fields:
+        return
+    for other, (what, command) in KINDS.items():
+        other_fields = set(_block_fields(other)) | {"base"}
+        if other is not cls and set(data) <= other_fields:
+            expected = KINDS[cls][0]
+            raise ConfigError(f"config error: {path} is {what}, not {expected}; run it with {command}, or give "
+                              f"{KINDS[cls][1]} {expected} (see configs/)")
 
 
 # ---- dotted paths and overrides ------------------------------------------------------------------------
@@ -162,7 +243,8 @@ def apply_overrides(config: M, overrides: dict[str, Any], source: str | None = N
     """A copy of `config` with dotted-path fields set to new values, validated again."""
     data = config.model_dump(mode="json", exclude_unset=False)
     for dotted, value in overrides.items():
-        _set_path(data, canonical_path(type(config), dotted, source), value)
+        full = canonical_path(type(config), dotted, source)
+        _set_path(data, full, _number(full, value))
     return validate(type(config), data, source)
 
 
@@ -188,11 +270,6 @@ def settings_text(model: BaseModel) -> str:
 # ---- one-line errors ---------------------------------------------------------------------------------------
 
 
-def format_errors(err: ValidationError, root: type[BaseModel]) -> str:
-    """pydantic's errors as one line: 'study.trials: must be >= 1 (got -3); ...'."""
-    return "; ".join(_format_error(e, root) for e in err.errors())
-
-
 def _format_error(e: dict, root: type[BaseModel]) -> str:
     loc = ".".join(str(part) for part in e["loc"])
     kind, ctx, given = e["type"], e.get("ctx", {}), e.get("input")
@@ -205,6 +282,8 @@ def _format_error(e: dict, root: type[BaseModel]) -> str:
     if kind in bounds:
         limit = next(iter(ctx.values()))
         return f"{loc}: must be {bounds[kind]} {limit} (got {given!r})"
+    if kind == "finite_number":
+        return f"{loc}: must be a finite number (got {given!r})"
     if kind == "literal_error":
         return f"{loc}: must be one of: {ctx.get('expected')} (got {given!r})"
     if kind in ("missing", "missing_argument"):

@@ -1,162 +1,230 @@
-"""Confirmation: the study's best configurations and its baseline retrained on fresh seeds, judged on test.
+"""Sequential confirmation: each arm's best configuration retrained on fresh seeds, judged on the test split,
+with seeds added until the answer is decided.
 
-    confirmation = run_confirmation(study, rows, pareto, settings, study_dir, resources)
-    print(confirmation.text())          # the per-seed table, then one verdict line per configuration
+    confirmation = run_confirmation(study, rows, record, study_dir, resources)
+    print(confirmation.text())          # the per-seed table, then one verdict line per comparison
 
-The search chose on validation; this stage is the only one of a study that reads the test split. The top
-`confirm.top_k` configurations by the primary objective (or the whole Pareto front) and the baseline each
-train again on every seed of `confirm.seeds` (none equal to the search seed), as Tune trials nested under
-the study's parent run, and are evaluated on the test split with the final attack suite. Per configuration:
-the paired differences against the baseline seed by seed (robust and clean), their mean ± std, a 95%
-interval, the number of seeds it wins, and a verdict in words, whichever way it goes.
+The search chose on validation; this stage is the only one of a study that reads the test split. The method
+arm's best configuration (its top `confirm.top_k` by the primary objective, or its Pareto front) and the
+baseline arm's best each train again on the first `confirm.seeds` fresh seeds (never the search seed), as Tune
+trials nested under the study's parent run, and are evaluated on the whole test split with the final suite.
+Per comparison: the paired differences seed by seed (robust and clean), their mean ± std, a 95% interval, a
+paired-bootstrap probability of improvement, and a decision (orchestrator/stats.py). While a comparison is
+undecided and fewer than `confirm.max_seeds` seeds ran, the next round adds fresh seeds. The rounds run in one
+Tune experiment (`confirm`, warm workers throughout) whose searcher plans each round from the finished ones
+(orchestrator/tuning.py `Rounds`) and is saved with it, so a driver killed between seeds resumes with every
+seed it finished and trains none of them twice: the decisions replay from the same results.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from matplotlib.figure import Figure
 
-from orchestrator.config import apply_overrides
-from orchestrator.stats import PairedDifference, paired_difference, points
-from orchestrator.study_config import StudyFile
-from orchestrator.tuning import TrialSpec, nslab_settings, run_fixed
+from orchestrator.results import Status, failure_kind, finite, fmt, pct, points, rows_table, verdict_sentence
+from orchestrator.stats import Decision, PairedDifference, decide, paired_difference, probability_of_improvement
+from orchestrator.study_config import Arm, StudyFile
+from orchestrator.trials import Record, Role, TrialSettings
+from orchestrator.tuning import TrialLog, result_status, run_rounds
 
 log = logging.getLogger(__name__)
-COMPLETE = "TERMINATED"
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One configuration the confirmation retrains: an arm's chosen search trial."""
+
+    name: str  # "baseline", "sns", "sns-2" (the method arm's second best), ...
+    arm: Arm
+    overrides: dict[str, Any]  # the chosen trial's searched values
+    search_label: str  # the search trial it came from, e.g. "sns-07"
+
+    def describe(self) -> str:
+        """'sns-07: lam=1.62 fraction=0.483 lr=0.002 schedule=cosine' (the searched values, short names)."""
+        values = " ".join(f"{_short(k)}={fmt(v, 3)}" for k, v in self.overrides.items())
+        return f"{self.search_label}: {values}" if values else self.search_label
+
+
+def _short(path: str) -> str:
+    return path.removeprefix("sns.").removeprefix("train.").replace("warmup_epochs", "warmup")
 
 
 @dataclass
 class Comparison:
-    label: str
-    params: dict[str, Any]
+    configuration: Configuration
+    baseline: Configuration
     robust: PairedDifference
     clean: PairedDifference
     robust_name: str
-    baseline: str
+    margin: float
     left_out: dict[int, str] = field(default_factory=dict)  # seed -> why it is not in the comparison
 
+    @property
+    def decision(self) -> Decision:
+        return decide(self.robust, self.margin)
+
+    def what(self) -> str:
+        """'SNS, tuned over 8 trials, vs PGD-AT, tuned over 8 trials' (an untuned baseline says so)."""
+        rank = "" if self.configuration.name == self.configuration.arm.name else f" ({self.configuration.name})"
+        return f"{self.configuration.arm.describe()}{rank}, vs {self.baseline.arm.describe()}"
+
     def verdict(self) -> str:
-        """e.g. 'sns lam=0.8 fraction=0.12: +2.9 ± 1.1 AutoAttack points over pgd_at (3/3 seeds, 95% CI
-        +0.2 to +5.6), -0.7 clean: higher'."""
-        r, c = self.robust, self.clean
-        if r.n == 0:
-            return f"{self.label}: no seed finished for both it and {self.baseline}; no verdict"
-        low, high = r.ci95
-        interval = "" if math.isnan(low) else f", 95% CI {points(low)} to {points(high)}"
-        spread = "" if math.isnan(r.std) else f" ± {points(r.std, sign=False)}"
-        word = {"higher": f"beats {self.baseline}", "lower": f"is worse than {self.baseline}",
-                "no clear difference": f"does not beat {self.baseline} (the interval includes 0)"}[r.verdict()]
-        missing = "".join(f"; seed {seed} left out: {why}" for seed, why in sorted(self.left_out.items()))
-        return (f"{self.label}: {points(r.mean)}{spread} {self.robust_name} points over {self.baseline} "
-                f"({r.wins}/{r.n} seeds{interval}), {points(c.mean)} clean: {word}{missing}")
+        return verdict_sentence(self.what(), self.configuration.arm.method.upper().replace("_", "-"),
+                                self.baseline.arm.method.upper().replace("_", "-"), self.robust, self.clean,
+                                robust_name=self.robust_name, margin=self.margin, left_out=self.left_out)
+
+    def summary(self) -> dict[str, Any]:
+        low, high = self.robust.ci95
+        return {"configuration": self.configuration.name, "baseline": self.baseline.name, "seeds": self.robust.n,
+                "robust_diff_mean": self.robust.mean, "robust_diff_std": self.robust.std, "ci95_low": low,
+                "ci95_high": high, "clean_diff_mean": self.clean.mean, "wins": self.robust.wins,
+                "p_improvement": probability_of_improvement(self.robust), "decision": str(self.decision),
+                "verdict": self.verdict()}
 
 
 @dataclass
 class Confirmation:
     rows: list[dict[str, Any]]  # one per (configuration, seed)
     comparisons: list[Comparison]
+    configurations: list[Configuration]
     seeds: list[int]
+    rounds: int
 
     def table(self) -> pa.Table:
-        keys = list(dict.fromkeys(k for row in self.rows for k in row))
-        return pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in self.rows])
+        return rows_table(self.rows)
+
+    def decided(self) -> bool:
+        return all(c.decision != Decision.UNDECIDED for c in self.comparisons)
 
     def text(self) -> str:
-        lines = [f"{'configuration':<34}{'seed':>5}{'clean %':>9}{'robust %':>10}{'Δ robust':>10}{'Δ clean':>9}"
+        """The per-seed table (absolute accuracies and paired differences) and the chosen configurations."""
+        lines = [f"{'configuration':<14}{'seed':>5}{'clean %':>9}{'robust %':>10}{'Δ robust':>10}{'Δ clean':>9}"
                  "  status"]
         for r in self.rows:
-            lines.append(f"{r['label'][:33]:<34}{r['seed']:>5}{_pct(r.get('test_clean_acc')):>9}"
-                         f"{_pct(r.get('test_robust_acc')):>10}{_pts(r.get('robust_diff')):>10}{_pts(r.get('clean_diff')):>9}"
-                         f"  {r['status']}{_flags_note(r.get('flags'))}")
-        return "\n".join(lines + ["", "verdict:"] + [f"  {c.verdict()}" for c in self.comparisons])
+            lines.append(f"{r['configuration']:<14}{r['seed']:>5}{pct(r.get('test_clean_acc')):>9}"
+                         f"{pct(r.get('test_robust_acc')):>10}{_pts(r.get('robust_diff')):>10}"
+                         f"{_pts(r.get('clean_diff')):>9}  {r['status']}{_note(r)}")
+        lines += ["", "configurations (chosen on validation):"]
+        lines += [f"  {c.name:<12} {c.arm.describe()}; {c.describe()}" for c in self.configurations]
+        return "\n".join(lines)
 
 
-def _flags_note(flags) -> str:
-    return "" if flags in (None, "", "none") else f" ({flags})"
+def _pts(value) -> str:
+    return points(value) if finite(value) else "-"
 
 
-def _pct(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+def _note(row: dict) -> str:
+    notes = [n for n in (row.get("failure"), row.get("flags")) if n and n != "none"]
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
-def _pts(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else points(v)
-
-
-def select_configurations(study: StudyFile, rows: list[dict], pareto: list[bool]) -> list[dict]:
-    """The search trials to confirm: the top_k completed ones by the primary objective, or the Pareto front."""
+def choose(study: StudyFile, rows: list[dict], pareto: list[bool]) -> list[Configuration]:
+    """The baseline arm's best and the method arm's top_k (or Pareto front), completed trials only, by the
+    primary objective on validation."""
     metric, mode = study.study.objectives[0].metric, study.study.objectives[0].mode
-    done = [r for r in rows if r["role"] == "search" and r["status"] == COMPLETE and _finite(r.get(metric))]
-    if study.confirm.pareto:
-        chosen = [r for r, on in zip(rows, pareto, strict=True) if on]
-    else:
-        chosen = sorted(done, key=lambda r: r[metric], reverse=mode == "max")[:study.confirm.top_k]
+    chosen = []
+    for arm in study.arms():
+        done = [r for r in rows if r["arm"] == arm.name and r["status"] == Status.COMPLETE and finite(r.get(metric))]
+        ranked = sorted(done, key=lambda r: r[metric], reverse=mode == "max")
+        is_method = arm.name != "baseline"
+        if is_method and study.confirm.pareto:
+            ranked = [r for r, on in zip(rows, pareto, strict=True) if on and r["arm"] == arm.name]
+        for i, row in enumerate(ranked[:study.confirm.top_k if is_method else 1], start=1):
+            overrides = {p: row[f"param.{p}"] for p in arm.space if row.get(f"param.{p}") is not None}
+            chosen.append(Configuration(arm.name if i == 1 else f"{arm.name}-{i}", arm, overrides, row["label"]))
     return chosen
 
 
-def _finite(v) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v)
-
-
-def describe(params: dict[str, Any]) -> str:
-    short = {k.removeprefix("sns.").replace("warmup_epochs", "warmup"): v for k, v in params.items()}
-    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in short.items())
-
-
-def confirmation_specs(study: StudyFile, chosen: list[dict]) -> list[TrialSpec]:
-    settings = {"attacks": [a.to_dict() for a in study.confirm.attacks] if study.confirm.attacks else None,
-                "examples": study.confirm.examples}
-    specs = []
-    for seed in study.confirm_seeds():
-        if study.baseline is not None:
-            specs.append(TrialSpec(f"baseline-s{seed}", "confirm", study.baseline_experiment(seed), evaluate=True,
-                                   settings={**settings, "configuration": "baseline"}))
-        for number, row in enumerate(chosen, start=1):
-            params = {p: row[f"param.{p}"] for p in study.search_space}
-            experiment = apply_overrides(study.experiment, {**params, "train.seed": seed})
-            specs.append(TrialSpec(f"config{number}-s{seed}", "confirm", experiment, evaluate=True,
-                                   settings={**settings, "configuration": f"config{number}",
-                                             "params": params, "search_trial": row["trial_id"]}))
-    return specs
-
-
-def run_confirmation(study: StudyFile, rows: list[dict], pareto: list[bool], settings: dict[str, Any], path: str,
-                     resources: dict[str, float], callbacks=()) -> Confirmation | None:
-    chosen = select_configurations(study, rows, pareto)
-    if not chosen:
-        log.warning("confirmation skipped: no search trial completed every epoch")
+def run_confirmation(study: StudyFile, rows: list[dict], pareto: list[bool], record: Record, path: str,
+                     resources: dict[str, float]) -> Confirmation | None:
+    configurations = choose(study, rows, pareto)
+    if not any(c.arm.name != "baseline" for c in configurations):
+        log.warning("confirmation skipped: no search trial of the method's arm completed every epoch")
         return None
-    specs = confirmation_specs(study, chosen)
-    log.info("confirmation: %d configuration(s) and the baseline on seeds %s (%d trainings, test split)",
-             len(chosen), study.confirm_seeds(), len(specs))
-    grid = run_fixed(specs, settings, path, "confirm", resources, max_failures=study.study.max_failures,
-                     callbacks=callbacks, share_warmup=study.study.share_warmup)
-    return summarize(study, grid, chosen)
+    log.info("confirmation of %s on seeds %s (up to %d seeds until decided; test split)",
+             ", ".join(f"{c.name} ({c.describe()})" for c in configurations), study.confirm_seeds(),
+             study.confirm.max_seeds)
+    plan = functools.partial(plan_round, study, configurations, record)
+    grid = run_rounds(plan, path, "confirm", resources, limit=study.confirm.max_seeds * len(configurations),
+                      max_failures=study.study.max_failures,
+                      callbacks=[TrialLog(record.tracking_uri, record.mlflow_experiment,
+                                          ["test/clean_acc", "test/robust_acc"], phase="confirm")])
+    results = [confirmation_row(result) for result in grid]
+    return summarize(study, results, configurations, rounds_of(study, len({r["seed"] for r in results}),
+                                                               len(configurations)))
 
 
-def summarize(study: StudyFile, grid, chosen: list[dict]) -> Confirmation:
-    rows = []
-    for result in grid:
-        nslab = nslab_settings(result.config)
-        metrics = result.metrics or {}
-        final = bool(metrics.get("final")) and result.error is None
-        rows.append({"label": nslab["label"], "configuration": nslab["configuration"],
-                     "seed": int(result.config["spec"]["experiment"]["train"]["seed"]),
-                     "status": COMPLETE if final else "ERROR" if result.error else "INCOMPLETE",
-                     "failure": _failure(result.error),
-                     "params": describe(nslab.get("params", {})) if nslab.get("params") else study.baseline_method(),
-                     "search_trial": nslab.get("search_trial"), "mlflow_run_id": metrics.get("mlflow_run_id"),
-                     "test_clean_acc": metrics.get("test/clean_acc") if final else None,
-                     "test_robust_acc": metrics.get("test/robust_acc") if final else None,
-                     "flags": _flags(metrics) if final else None,
-                     **{k: v for k, v in metrics.items() if k.startswith("test/") and final}})
-    rows.sort(key=lambda r: (r["configuration"] != "baseline", r["configuration"], r["seed"]))
+def plan_round(study: StudyFile, configurations: list[Configuration], record: Record,
+               rows: list[dict]) -> list[TrialSettings]:
+    """The next round's trials: the first seeds; then, while a comparison is undecided, fresh seeds."""
+    if rows:
+        confirmation = summarize(study, rows, configurations, 0)
+        seeds = next_seeds(study, confirmation)
+        if seeds:
+            log.info("undecided after %d seeds (%s): adding seed(s) %s", len(confirmation.seeds), "; ".join(
+                f"{c.configuration.name} {points(c.robust.mean)}, 95% CI {points(c.robust.ci95[0])} to "
+                f"{points(c.robust.ci95[1])}" for c in confirmation.comparisons if c.decision == Decision.UNDECIDED),
+                seeds)
+    else:
+        seeds = study.confirm_seeds()
+    suite = tuple(study.confirm.attacks) if study.confirm.attacks else None
+    return [TrialSettings(role=Role.CONFIRM, label=f"confirm-{conf.name}-s{seed}", experiment=_experiment(conf),
+                          record=record, overrides={**conf.overrides, "train.seed": seed}, arm=conf.arm.name,
+                          evaluate=True, final_suite=suite, examples=study.confirm.examples, configuration=conf.name,
+                          objective=study.study.objectives[0].metric)
+            for seed in seeds for conf in configurations]
+
+
+def rounds_of(study: StudyFile, seeds: int, configurations: int) -> int:
+    """How many rounds ran `seeds` seeds: the first seeds, then the same number added per round."""
+    first, per_round = len(study.confirm_seeds()), max(1, study.study.concurrency // configurations)
+    return 1 + max(0, math.ceil((seeds - first) / per_round))
+
+
+def next_seeds(study: StudyFile, confirmation: Confirmation) -> list[int]:
+    """The seeds of the next round: none when every comparison is decided, there is nothing to compare, or
+    confirm.max_seeds ran; else the next fresh seeds, as many as keep the cluster busy (concurrency over the
+    configurations per seed), up to max_seeds."""
+    done = len(confirmation.seeds)
+    if not confirmation.comparisons or confirmation.decided() or done >= study.confirm.max_seeds:
+        return []
+    per_round = max(1, study.study.concurrency // len(confirmation.configurations))  # = rounds_of's
+    return study.confirm_seeds(min(study.confirm.max_seeds, done + per_round))[done:]
+
+
+def _experiment(configuration: Configuration) -> dict:
+    return configuration.arm.experiment.model_dump(mode="json")
+
+
+def confirmation_row(result) -> dict[str, Any]:
+    """One (configuration, seed) of a finished round, from its Tune result."""
+    settings = TrialSettings.of(result.config)
+    metrics = result.metrics or {}
+    outcome = result_status(result)
+    ok = outcome == Status.COMPLETE
+    kind = failure_kind(str(result.error)) if result.error else None
+    flags = metrics.get("test/flags")
+    return {"configuration": settings.configuration, "arm": settings.arm, "seed": settings.seed,
+            "label": settings.label, "status": str(outcome),
+            "failure": (f"failed ({kind})" if kind else "failed") if result.error else None,
+            "mlflow_run_id": metrics.get("mlflow_run_id"),
+            "test_clean_acc": metrics.get("test/clean_acc") if ok else None,
+            "test_robust_acc": metrics.get("test/robust_acc") if ok else None,
+            "flags": (f"{int(flags)} masking flag(s)" if flags else "none") if ok else None,
+            **{k: v for k, v in metrics.items() if k.startswith("test/") and ok}}
+
+
+def summarize(study: StudyFile, results: list[dict], configurations: list[Configuration], rounds: int) -> Confirmation:
+    """The per-seed rows (configuration minus baseline, same seed) and each comparison, from the rounds so far."""
+    rows = [dict(r) for r in results]
+    order = {conf.name: i for i, conf in enumerate(configurations)}
+    rows.sort(key=lambda r: (order.get(r["configuration"], 99), r["seed"]))
+    baseline = next((conf for conf in configurations if conf.arm.name == "baseline"), None)
     base = {r["seed"]: r for r in rows if r["configuration"] == "baseline" and r["test_robust_acc"] is not None}
     for r in rows:
         if r["configuration"] != "baseline" and r["seed"] in base and r["test_robust_acc"] is not None:
@@ -165,54 +233,17 @@ def summarize(study: StudyFile, grid, chosen: list[dict]) -> Confirmation:
     suite = study.confirm.attacks or study.experiment.final_suite()
     robust_name = "AutoAttack" if any(a.name == "autoattack" for a in suite) else "worst-case robust"
     comparisons = []
-    for number, row in enumerate(chosen, start=1):
-        mine = [r for r in rows if r["configuration"] == f"config{number}" and r["test_robust_acc"] is not None]
-        params = {p: row[f"param.{p}"] for p in study.search_space}
-        label = f"{study.experiment.method} {describe(params)}"
-        failed = {r["seed"]: f"the {'baseline' if r['configuration'] == 'baseline' else 'configuration'} "
-                             f"{r['failure'] or 'did not finish'}" for r in rows
-                  if r["configuration"] in ("baseline", f"config{number}") and r["test_robust_acc"] is None}
+    for conf in configurations:
+        if baseline is None or conf is baseline:
+            continue
+        mine = [r for r in rows if r["configuration"] == conf.name and r["test_robust_acc"] is not None]
+        failed = {r["seed"]: f"the {r['configuration']} run {r['failure'] or 'did not finish'}" for r in rows
+                  if r["configuration"] in ("baseline", conf.name) and r["test_robust_acc"] is None}
         comparisons.append(Comparison(
-            label, params,
+            conf, baseline,
             paired_difference({r["seed"]: r["test_robust_acc"] for r in mine},
                               {s: b["test_robust_acc"] for s, b in base.items()}),
             paired_difference({r["seed"]: r["test_clean_acc"] for r in mine},
                               {s: b["test_clean_acc"] for s, b in base.items()}),
-            robust_name, study.baseline_method() or "baseline", failed))
-    return Confirmation(rows, comparisons, study.confirm_seeds())
-
-
-def _failure(error) -> str | None:
-    """'collapsed (TrainingCollapsed)' from a trial's error, or None."""
-    if error is None:
-        return None
-    found = re.search(r"(TrainingCollapsed|TrainingDiverged|CatastrophicOverfitting)", str(error))
-    return f"failed ({found.group(1)})" if found else "failed"
-
-
-def _flags(metrics: dict) -> str:
-    flags = metrics.get("test/flags")
-    return "none" if not flags else f"{int(flags)} masking flag(s)"
-
-
-def confirmation_figure(confirmation: Confirmation, baseline: str) -> Figure:
-    """Per configuration, the paired robust and clean differences against the baseline, one dot per seed."""
-    figure = Figure(figsize=(6.5, 4.2), layout="constrained")
-    ax = figure.subplots()
-    for i, comparison in enumerate(confirmation.comparisons):
-        for offset, (diff, color, name) in enumerate(((comparison.robust, "tab:red", "robust"),
-                                                      (comparison.clean, "tab:blue", "clean"))):
-            x = i + (offset - 0.5) * 0.3
-            values = [100 * d for d in diff.differences]
-            ax.scatter([x] * len(values), values, color=color, s=22, zorder=3,
-                       label=f"{name}, one seed" if i == 0 else None)
-            if diff.n:
-                ax.hlines(100 * diff.mean, x - 0.1, x + 0.1, color="black", linewidth=2,
-                          label="mean" if i == 0 and offset == 0 else None)
-    ax.axhline(0, color="gray", linestyle="--", linewidth=0.8)
-    ax.set_xticks(range(len(confirmation.comparisons)), [c.label for c in confirmation.comparisons], fontsize=7,
-                  rotation=15)
-    ax.set_ylabel(f"test accuracy − {baseline}'s, same seed (points)")
-    ax.set_title(f"Confirmation on {len(confirmation.seeds)} fresh seeds (test split)", fontsize=10)
-    ax.legend(fontsize=8)
-    return figure
+            robust_name, study.confirm.margin / 100, failed))
+    return Confirmation(rows, comparisons, configurations, sorted({r["seed"] for r in rows}), rounds)

@@ -22,7 +22,7 @@ from ns_core.data import DATASETS
 from ns_core.models import MODELS
 from ns_core.objectives import OBJECTIVES, SNS_BASES, Objective, create_objective, objective_arguments
 from ns_core.training import TrainConfig
-from orchestrator.config import Strict, apply_overrides, registered
+from orchestrator.config import Strict, apply_overrides, config_kind, registered
 
 _TC = TrainConfig()
 _TRAIN_FIELDS = inspect.signature(TrainConfig).parameters
@@ -33,7 +33,8 @@ class SNSBlock(Strict):
     fraction: float = Field(0.1, gt=0, le=1)
     layers: list[str] | None = None  # None: the model's default layers
     distance: Literal["l1", "l2", "cosine", "relative"] = "l1"
-    warmup_epochs: int = Field(1, ge=0)
+    warmup_epochs: int = Field(1, ge=0)  # plain base-loss epochs first (SNS collapses from epoch 1: docs/design.md)
+    warmup_share: float | None = Field(None, ge=0, lt=1)  # set: warmup_epochs = round(share x train.epochs)
     reselect_every: int = Field(1, ge=1)
     base: Literal[SNS_BASES] = "pgd_at"
     collapse_patience: int = Field(2, ge=1)
@@ -87,6 +88,7 @@ class DataBlock(Strict):
     test_limit: int | None = Field(None, ge=1)
 
 
+@config_kind("an experiment config", "python -m pipelines.train")
 class ExperimentConfig(Strict):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     dataset: str = "mnist5k"
@@ -116,6 +118,15 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _builds(self) -> ExperimentConfig:
+        epochs = self.train.epochs
+        if self.sns.warmup_share is not None:  # a share keeps its meaning when the epochs are searched
+            self.sns.warmup_epochs = int(self.sns.warmup_share * epochs + 0.5)
+        if self.train.eps_ramp_epochs and self.train.eps_ramp_epochs >= epochs:
+            raise ValueError(f"train.eps_ramp_epochs ({self.train.eps_ramp_epochs}) must be < train.epochs ({epochs}): "
+                             "the model would never train at the full eps")
+        if self.method == "sns" and self.sns.lam > 0 and self.sns.warmup_epochs >= epochs:
+            raise ValueError(f"sns.warmup_epochs ({self.sns.warmup_epochs}) must be < train.epochs ({epochs}): the SNS "
+                             "regularizer would never switch on")
         self.objective()  # the objective's own checks, before anything runs
         return self
 
@@ -146,8 +157,8 @@ class ExperimentConfig(Strict):
         eps, norm = self.attack.eps, self.attack.norm
         suite = [Attack("fgsm", eps)] if norm == "linf" else []
         suite.append(Attack("pgd", eps, norm=norm, steps=20))
-        if self.method == "sns":
-            suite.append(Attack("feature_pgd", eps, norm=norm, steps=20, layers=tuple(self.sns.layers or ()) or None))
+        if self.method == "sns":  # its layers: the watched ones, chosen by orchestrator.run.final_suite
+            suite.append(Attack("feature_pgd", eps, norm=norm, steps=20))
         return [*suite, Attack("autoattack", eps, norm=norm)]
 
 
@@ -161,8 +172,10 @@ def smoke_experiment(experiment: ExperimentConfig) -> ExperimentConfig:
             attack = Attack("apgd_ce", attack.eps, norm=attack.norm)
         takes_steps = attack.steps_used > 1
         suite.append(attack.replace(steps=min(attack.steps_used, 3) if takes_steps else attack.steps, restarts=1))
+    epochs = min(experiment.train.epochs, 1 if experiment.sns.warmup_epochs == 0 else 2)
     return apply_overrides(experiment, {
-        "train.epochs": min(experiment.train.epochs, 1 if experiment.sns.warmup_epochs == 0 else 2),
+        "train.epochs": epochs, "train.eps_ramp_epochs": min(experiment.train.eps_ramp_epochs, epochs - 1),
+        "sns.warmup_share": None,
         "train.probe_size": 64, "train.val_attack": experiment.val_attack().replace(steps=2),
         "attack.steps": min(experiment.attack.steps_used, 2) if experiment.attack.steps_used > 1 else None,
         "data.val_size": 64, "data.train_limit": min(experiment.data.train_limit or 256, 256),

@@ -1,9 +1,13 @@
-"""Study and run plots as matplotlib Figures (no pyplot state; Tracker.log_figure saves them as PNG).
+"""Study and run plots as matplotlib Figures (no pyplot state; Tracker.log_figure saves them as PNG). Each says
+what it compares in its title and how many runs it rests on.
 
-    sensitivity_figure(smap, selected)     per layer: every neuron's sensitivity, most sensitive first,
-                                           the selected (stabilized) neurons in red
-    pareto_figure(rows, objectives, mask)  the completed trials on the first two objectives, front joined
-    importance_figure(table)               Optuna parameter importances per objective
+    sensitivity_figure(smap, selected)      per layer: every neuron's sensitivity, most sensitive first; the
+                                            neurons SNS stabilizes in red (only for a method that selects)
+    pareto_figure(rows, objectives, mask)   each arm's completed trials on the first two objectives, fronts joined
+    compute_figure(compute, metric)         per arm, the best validation metric so far against training time
+    importance_figure(table)                Optuna's fANOVA importances per objective, with the trial count
+    confirmation_figure(confirmation)       both arms' test accuracy per seed (paired lines) and the paired
+                                            difference with its 95% interval; the verdict in the title
 """
 
 from __future__ import annotations
@@ -14,8 +18,18 @@ from typing import Any
 import pyarrow as pa
 from matplotlib.figure import Figure
 
+from orchestrator.results import Status, finite
+
+ARM_COLORS = {"baseline": "tab:blue"}
+METHOD_COLOR = "tab:red"
+
+
+def arm_color(arm: str) -> str:
+    return ARM_COLORS.get(arm, METHOD_COLOR)
+
 
 def sensitivity_figure(smap, selected: Mapping[str, Any] | None = None, title: str = "neuron sensitivity") -> Figure:
+    """`selected`: the neurons the method stabilizes (SNS), drawn in red; None for methods that select none."""
     layers = smap.layers
     figure = Figure(figsize=(3.2 * len(layers), 3.0), layout="constrained")
     axes = figure.subplots(1, len(layers), squeeze=False)[0]
@@ -29,41 +43,60 @@ def sensitivity_figure(smap, selected: Mapping[str, Any] | None = None, title: s
         ax.set_xlabel("neuron (by rank)", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("sensitivity (mean |F(x) - F(x')|)", fontsize=8)
-    figure.suptitle(f"{title}; red: selected", fontsize=10)
+    figure.suptitle(f"{title}; red: the neurons SNS stabilizes" if selected else title, fontsize=10)
     return figure
 
 
 def pareto_figure(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
-                  front: Sequence[bool], reference: Mapping[str, Any] | None = None, title: str = "") -> Figure:
-    """Completed trials on the first two objectives (one objective: value per trial number), the front joined,
-    and the baseline (`reference`) as a star."""
-    figure = Figure(figsize=(5.5, 4.2), layout="constrained")
+                  front: Sequence[bool], title: str = "") -> Figure:
+    """Each arm's completed trials (labelled by trial number) on the first two objectives with its front joined;
+    one objective: the value per trial number."""
+    figure = Figure(figsize=(6.0, 4.4), layout="constrained")
     ax = figure.subplots()
-    done = [(row, on) for row, on in zip(rows, front, strict=True) if row.get("status") in ("TERMINATED", "FINISHED")]
-    if len(objectives) == 1:
-        metric = objectives[0][0]
-        ax.scatter([r.get("number", i) for i, (r, _) in enumerate(done, start=1)], [r.get(metric) for r, _ in done],
-                   c=["tab:red" if on else "tab:gray" for _, on in done])
-        ax.set_xlabel("trial number")
-        ax.set_ylabel(metric)
-    else:
-        (mx, _), (my, _) = objectives[:2]
-        ax.scatter([r.get(mx) for r, _ in done], [r.get(my) for r, _ in done], c="tab:gray", label="trials")
-        best = sorted((r for r, on in done if on), key=lambda r: r[mx])
-        ax.plot([r[mx] for r in best], [r[my] for r in best], "o-", color="tab:red", label="Pareto front")
-        for r, _ in done:
-            ax.annotate(str(r.get("number", r.get("trial", ""))), (r.get(mx), r.get(my)), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        if reference is not None and reference.get(mx) is not None and reference.get(my) is not None:
-            ax.scatter([reference[mx]], [reference[my]], marker="*", s=220, color="black", zorder=4,
-                       label="baseline")
+    done = [(r, on) for r, on in zip(rows, front, strict=True) if r.get("status") == Status.COMPLETE]
+    arms = list(dict.fromkeys(r.get("arm", "") for r, _ in done))
+    mx = objectives[0][0]
+    my = objectives[1][0] if len(objectives) > 1 else None
+    for arm in arms:
+        mine = [(r, on) for r, on in done if r.get("arm", "") == arm]
+        xs = [r.get(mx) for r, _ in mine] if my else [r.get("number") or i for i, (r, _) in enumerate(mine, 1)]
+        ys = [r.get(my) for r, _ in mine] if my else [r.get(mx) for r, _ in mine]
+        ax.scatter(xs, ys, color=arm_color(arm), alpha=0.55, label=f"{arm} arm ({len(mine)} completed)")
+        for (r, _), x, y in zip(mine, xs, ys, strict=True):
+            ax.annotate(str(r.get("number") or r.get("label") or r.get("trial", "")), (x, y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        best = sorted(((r.get(mx), r.get(my)) for r, on in mine if on), key=lambda p: p[0]) if my else []
+        if best:
+            ax.plot([p[0] for p in best], [p[1] for p in best], "o-", color=arm_color(arm), label=f"{arm} front")
+    if my:
         ax.set_xlabel(f"{mx} ({objectives[0][1]})")
         ax.set_ylabel(f"{my} ({objectives[1][1]})")
+    else:
+        ax.set_xlabel("trial number (creation order, per arm)")
+        ax.set_ylabel(mx)
+    if done:
         ax.legend(fontsize=8)
-    if len(objectives) == 1 and reference is not None and reference.get(objectives[0][0]) is not None:
-        ax.axhline(reference[objectives[0][0]], color="black", linestyle="--", label="baseline")
+    ax.set_title(title or f"validation objectives of {len(done)} completed trials", fontsize=10)
+    return figure
+
+
+def compute_figure(compute: pa.Table, metric: str) -> Figure:
+    """Per arm: the best completed trial's validation metric so far against cumulative training seconds —
+    whether a method is better or only faster shows as one curve above the other at equal compute."""
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = figure.subplots()
+    rows = compute.to_pylist()
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm and r["best_so_far"] is not None]
+        if mine:
+            ax.step([r["cumulative_train_seconds"] for r in mine], [100 * r["best_so_far"] for r in mine], where="post",
+                    color=arm_color(arm), marker="o", label=f"{arm} arm ({sum(1 for r in rows if r['arm'] == arm)} "
+                                                            "trials)")
+    ax.set_xlabel("cumulative training time of the arm's trials (s)")
+    ax.set_ylabel(f"best {metric} so far (%)")
+    ax.set_title("best validation result against training compute, per arm", fontsize=10)
+    if rows:
         ax.legend(fontsize=8)
-    ax.set_title(title or f"{len(done)} completed trials", fontsize=10)
     return figure
 
 
@@ -75,6 +108,53 @@ def importance_figure(table: pa.Table) -> Figure:
     for ax, objective in zip(axes, objectives, strict=False):
         mine = sorted((r for r in rows if r["objective"] == objective), key=lambda r: r["importance"])
         ax.barh([r["param"] for r in mine], [r["importance"] for r in mine], color="tab:blue")
-        ax.set_title(f"importance for {objective}", fontsize=9)
+        ax.set_title(f"fANOVA importance for {objective}\n(n = {mine[0]['trials']} completed trials: indicative)",
+                     fontsize=9)
         ax.set_xlim(0, 1)
+    return figure
+
+
+def confirmation_figure(confirmation) -> Figure:
+    """Left: each configuration's test robust accuracy per seed, its seeds joined to the baseline's by a line
+    (paired). Right: the paired robust and clean differences per seed with their mean and 95% interval."""
+    figure = Figure(figsize=(10.5, 4.4), layout="constrained")
+    ax_abs, ax_diff = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+    names = [c.name for c in confirmation.configurations]
+    by = {(r["configuration"], r["seed"]): r for r in confirmation.rows}
+    for seed in confirmation.seeds:
+        values = [by.get((name, seed), {}).get("test_robust_acc") for name in names]
+        points = [(i, 100 * v) for i, v in enumerate(values) if finite(v)]
+        ax_abs.plot([p[0] for p in points], [p[1] for p in points], color="gray", alpha=0.5, linewidth=0.8)
+        for i, y in points:
+            ax_abs.scatter([i], [y], color=arm_color(confirmation.configurations[i].arm.name), s=22, zorder=3)
+            ax_abs.annotate(f"s{seed}", (i, y), fontsize=6, xytext=(4, 0), textcoords="offset points")
+    ax_abs.set_xticks(range(len(names)), names)
+    ax_abs.set_xlim(-0.5, len(names) - 0.5)
+    ax_abs.set_ylabel("test robust accuracy (%), worst case")
+    ax_abs.set_title("per seed (lines join the same seed)", fontsize=9)
+    labels = []
+    for i, comparison in enumerate(confirmation.comparisons):
+        for offset, (diff, color, kind) in enumerate(((comparison.robust, "tab:red", "robust"),
+                                                      (comparison.clean, "tab:blue", "clean"))):
+            x = i + (offset - 0.5) * 0.35
+            ax_diff.scatter([x] * diff.n, [100 * d for d in diff.differences], color=color, s=18, zorder=3,
+                            label=f"Δ {kind}, one seed" if i == 0 else None)
+            if diff.n >= 2:
+                low, high = diff.ci95
+                ax_diff.errorbar([x], [100 * diff.mean], yerr=[[100 * (diff.mean - low)], [100 * (high - diff.mean)]],
+                                 color="black", capsize=5, linewidth=1.5, label="mean, 95% CI" if i == offset == 0
+                                 else None)
+        labels.append(f"{comparison.configuration.name}\n− {comparison.baseline.name}")
+    if confirmation.comparisons:
+        margin = 100 * confirmation.comparisons[0].margin
+        ax_diff.axhspan(-margin, margin, color="gray", alpha=0.15, label=f"±{margin:g}-point margin")
+        ax_diff.legend(fontsize=7)
+    ax_diff.axhline(0, color="gray", linestyle="--", linewidth=0.8)
+    ax_diff.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax_diff.set_ylabel("test accuracy difference (points), same seed")
+    ax_diff.set_title("paired differences", fontsize=9)
+    verdicts = [str(c.decision) for c in confirmation.comparisons]
+    head = (f"{confirmation.comparisons[0].what()}: {', '.join(verdicts)}" if confirmation.comparisons
+            else "confirmation")
+    figure.suptitle(f"{head} ({len(confirmation.seeds)} seeds, test split)", fontsize=10)
     return figure

@@ -57,6 +57,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     # experiment state is snapshotted at most this often (Tune's default waits >= 10 s, so a killed driver
     # would resume trials from older checkpoints than they had)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # the 5 s is on purpose
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console boxes: nslab prints its own trial lines
     import ray
 

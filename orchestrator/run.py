@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import yaml
+from torch import nn
 
 from ns_core.attacks import Attack
 from ns_core.data import DatasetSplits, load_dataset
@@ -96,17 +98,22 @@ def resolved_params(config: ExperimentConfig, trainer: Trainer) -> dict[str, Any
     return params
 
 
-def final_suite(config: ExperimentConfig, trainer: Trainer, attacks: list[Attack] | None = None) -> list[Attack]:
-    """The final attacks, feature_pgd aimed at the layers this model's objective watches."""
-    suite = attacks if attacks is not None else config.final_suite()
-    watched = tuple(trainer.objective.watched_layers(trainer.model))
+def final_suite(config: ExperimentConfig, model: nn.Module, attacks: Sequence[Attack] | None = None) -> list[Attack]:
+    """The final attacks (`attacks`, else the experiment's), feature_pgd aimed at the layers the experiment's
+    objective watches in `model` (SNS: its sns.layers; other methods: the studied layers). The one place
+    feature_pgd's layers are chosen."""
+    suite = list(attacks) if attacks is not None else config.final_suite()
+    if not any(a.name == "feature_pgd" and a.layers is None for a in suite):
+        return suite
+    watched = tuple(config.objective().watched_layers(model))
     return [a.replace(layers=watched) if a.name == "feature_pgd" and a.layers is None else a for a in suite]
 
 
 def evaluate_final(config: ExperimentConfig, trainer: Trainer, data: DatasetSplits, attacks: list[Attack] | None = None,
                    examples: int | None = None) -> RobustnessReport:
     """The final evaluation on the test split (the only place a training run reads it)."""
-    return evaluate_robustness(trainer.model, data.test, final_suite(config, trainer, attacks), seed=config.train.seed,
+    suite = final_suite(config, trainer.model, attacks)
+    return evaluate_robustness(trainer.model, data.test, suite, seed=config.train.seed,
                                max_examples=examples or config.eval.examples, cascade=config.eval.cascade,
                                check_examples=config.eval.check_examples, num_classes=data.num_classes,
                                progress=bool(config.train.progress))
@@ -145,9 +152,20 @@ def record_failure(tracker: Tracker, run_id: str, err: BaseException) -> str:
     return reason
 
 
-def log_epoch(tracker: Tracker, run_id: str, metrics: Mapping[str, Any], trainer: Trainer) -> None:
+def epoch_metrics(metrics: Mapping[str, Any], objective: str | None = None) -> dict[str, float]:
+    """An epoch's numbers for MLflow; the epoch itself is the step (an `epoch` metric would be the same for
+    every run and crowd the compare view). A study's primary objective is also logged as
+    `objective/<name>`, which MLflow's compare view, sorting names, shows first (docs/design.md)."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "epoch"}
+    if objective is not None and objective in out:
+        out[f"objective/{objective.replace('/', '_')}"] = out[objective]
+    return out
+
+
+def log_epoch(tracker: Tracker, run_id: str, metrics: Mapping[str, Any], trainer: Trainer,
+              objective: str | None = None) -> None:
     epoch = int(metrics["epoch"])
-    tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=epoch)
+    tracker.log_metrics(run_id, epoch_metrics(metrics, objective), step=epoch)
     if trainer.last_sensitivity is not None and epoch == trainer.epoch:
         table = trainer.last_sensitivity.to_arrow(selected=trainer.last_selection)
         meta = {**(table.schema.metadata or {}), b"epoch": str(epoch).encode()}
@@ -156,26 +174,31 @@ def log_epoch(tracker: Tracker, run_id: str, metrics: Mapping[str, Any], trainer
 
 def run_experiment(config: ExperimentConfig, tracker: Tracker, run_id: str, *, state: dict | None = None,
                    on_epoch: EpochHook | None = None, evaluate: bool = True, until: int | None = None,
-                   extra_params: Mapping[str, Any] | None = None, attacks: list[Attack] | None = None,
-                   examples: int | None = None) -> RunResult:
+                   params: Mapping[str, Any] | None = None, attacks: list[Attack] | None = None,
+                   examples: int | None = None, objective: str | None = None) -> RunResult:
     """Build, resume from `state`, train to `until` (default: every epoch), evaluate on test (when
-    `evaluate`), and record it all in `run_id`. Raises what training raises, after recording it."""
+    `evaluate`), and record it all in `run_id`. Raises what training raises, after recording it.
+
+    `params`: the MLflow params of the run (a study's trials: what differs between them; the constants are on
+    the parent); None: every resolved setting. The resolved settings always go to config/resolved.yaml.
+    `objective`: a metric also logged as objective/<name> every epoch (a study's primary objective)."""
     try:
         data = load_data(config)
         trainer = build_trainer(config, data)
         if state is not None:
             trainer.load_state_dict(state)
-        tracker.log_params(run_id, {**resolved_params(config, trainer), **(extra_params or {})})
+        resolved = resolved_params(config, trainer)
+        tracker.log_params(run_id, resolved if params is None else params)
+        tracker.log_text(run_id, yaml.safe_dump(resolved, sort_keys=False), "config/resolved.yaml")
         logged = tracker.last_step(run_id)
         for metrics in trainer.history:  # epochs a fork or a resume carries, not yet in this run's record
             if metrics["epoch"] > logged:
-                tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-                                    step=int(metrics["epoch"]))
+                tracker.log_metrics(run_id, epoch_metrics(metrics, objective), step=int(metrics["epoch"]))
         result = RunResult(trainer, None, run_id)
 
         def each_epoch(metrics: dict, trainer: Trainer) -> None:
             if metrics["epoch"] > logged:
-                log_epoch(tracker, run_id, metrics, trainer)
+                log_epoch(tracker, run_id, metrics, trainer, objective)
             final = trainer.epoch >= config.train.epochs
             if final and evaluate:
                 result.report = evaluate_final(config, trainer, data, attacks, examples)

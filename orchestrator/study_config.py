@@ -1,31 +1,36 @@
-"""The study config (configs/study/*.yaml): an experiment, a search space, the study's settings, its
-baseline, its confirmation stage, and where results go.
+"""The study config (configs/study/*.yaml): an experiment, a search space, two arms, a sequential
+confirmation, and where results go.
 
-    study = load_study("configs/study/quick.yaml")       # tracking and storage locations come back absolute
+    study = load_study("configs/study/quick.yaml", {"study.trials": 3})   # overrides get the YAML's checks
+    for arm in study.arms(): ...                 # the baseline arm, then the method's arm
 
-Search-space paths are dotted experiment fields (`sns.lam`, alias `sns.lambda`; `sns.layers`; `train.lr`),
-checked against the experiment at their edges. Metrics a study optimizes are validation metrics
-(`val/robust_acc`, ...): choosing on test would report optimistic numbers.
+Search-space paths are dotted experiment fields (`sns.lam`, alias `sns.lambda`; `train.lr`). Two arms are
+searched alike (same searcher, scheduler, trial count and maximum epochs): the baseline arm (the SNS base
+method, or `baseline.method`) over the shared paths (every path outside `sns.*`: the training recipe), the
+method's arm over all of them. Every combination of the space's edges and choices is validated before
+anything trains. Metrics a study optimizes are validation metrics (`val/robust_acc`, ...): choosing on test
+would report optimistic numbers.
 """
 
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
-import os
+import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ns_core.attacks import Attack
-from orchestrator.config import ConfigError, Strict, apply_overrides, canonical_path, load_config
+from orchestrator.config import ConfigError, Strict, apply_overrides, canonical_path, config_kind, load_config
 from orchestrator.experiment_config import ExperimentConfig, smoke_experiment
 
 VAL_METRICS = ("val/robust_acc", "val/clean_acc", "val/sensitivity_all", "val/sensitivity_selected",
                "val/relative_sensitivity_all")  # reported by every epoch of every trial
-SNS_ONLY = ("sns.lam", "sns.fraction", "sns.layers", "sns.distance", "sns.warmup_epochs", "sns.reselect_every",
-            "sns.collapse_patience")  # what may differ between trials that share one warm-up
+MAX_COMBINATIONS = 256  # edge combinations checked at load time (a seeded sample beyond this)
 
 
 class ParamSpec(Strict):
@@ -76,6 +81,10 @@ class ParamSpec(Strict):
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         return [self.low, self.high]
 
+    def edges(self) -> list:
+        """The values that test a combination: a categorical's choices, the bounds of a number."""
+        return list(self.choices) if self.type == "categorical" else [self.decode(self.low), self.decode(self.high)]
+
 
 class StudyMetric(Strict):
     metric: str
@@ -107,19 +116,19 @@ class Resources(Strict):
 
 class StudyBlock(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    trials: int = Field(ge=1)  # search trials (the baseline runs on top)
+    trials: int = Field(ge=1)  # search trials per arm
     concurrency: int = Field(1, ge=1)
     objectives: list[StudyMetric] = Field(min_length=1)  # the first is the primary one (ASHA, confirmation)
     sampler: Literal["tpe", "nsga2"] = "tpe"
     population_size: int | None = Field(None, ge=2)  # nsga2; None: 2 x concurrency (at least 4)
-    scheduler: Literal["asha", "none"] = "none"
+    scheduler: Literal["asha", "none"] = "none"  # asha: multi-fidelity on the primary objective, per arm
     grace_period: int = Field(1, ge=1)  # asha: epochs every trial gets before it can be stopped
     reduction_factor: float = Field(2.0, gt=1)
     resources: Resources = Field(default_factory=Resources)
-    seed: int = 0  # Optuna's sampler
+    seed: int = 0  # the searchers' (each arm's Optuna sampler)
     max_failures: int = Field(1, ge=0)  # retries of a trial whose worker failed (Ray FailureConfig)
-    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)  # Optuna runs these first
-    share_warmup: bool = True  # SNS trials fork from one shared warm-up of their base method
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)  # the method's arm runs these first
+    share_warmup: bool = True  # SNS trials fork from one shared warm-up of their base method where they can
 
     @field_validator("objectives")
     @classmethod
@@ -131,17 +140,28 @@ class StudyBlock(Strict):
 
 
 class BaselineBlock(Strict):
-    """The reference every study reports against: the same budget and seed with another method."""
+    """The reference arm: another method (default: the SNS base) searched like the method's arm."""
 
     method: str | None = None  # None: the SNS base method (e.g. pgd_at)
+    tune: bool = True  # false: one untuned trial with the experiment's recipe (verdicts say so)
+    trials: int | Literal["same"] = "same"  # searched trials: "same" as study.trials (an equal budget)
+
+    @field_validator("trials")
+    @classmethod
+    def _positive(cls, trials: int | str) -> int | str:
+        if isinstance(trials, int) and trials < 1:
+            raise ValueError(f"must be >= 1 or 'same' (got {trials})")
+        return trials
 
 
 class ConfirmBlock(Strict):
-    """After the search: the top configurations and the baseline retrained on fresh seeds, evaluated on test."""
+    """Each arm's best retrained on fresh seeds, judged on the test split, seeds added until decided."""
 
-    top_k: int = Field(1, ge=1)  # the best configurations by the primary objective on validation
-    pareto: bool = False  # confirm the whole Pareto front instead of the top_k
-    seeds: list[int] | int = 3  # fresh seeds: a count (search seed + 1, + 2, ...) or a list
+    top_k: int = Field(1, ge=1)  # the method arm's best configurations by the primary objective on validation
+    pareto: bool = False  # confirm the method arm's whole Pareto front instead of the top_k
+    seeds: list[int] | int = 3  # the first seeds: a count (search seed + 1, + 2, ...) or a list
+    max_seeds: int = Field(10, ge=1)  # stop there undecided
+    margin: float = Field(1.0, gt=0)  # equivalence margin, in accuracy points
     attacks: list[Attack] | None = Field(None, min_length=1)  # None: the experiment's final suite
     examples: int | None = Field(None, ge=1)  # None: the whole test split
 
@@ -156,11 +176,30 @@ class StorageConfig(Strict):
     optuna: str | None = None  # e.g. sqlite:///optuna.db; None: in memory, saved in Tune's searcher state
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One side of the comparison: a method, the paths it searches and its trial count (`tuned` False: one
+    fixed trial of the experiment's recipe)."""
+
+    name: str  # "baseline", or the study's method ("sns")
+    method: str
+    experiment: ExperimentConfig
+    space: dict[str, ParamSpec]
+    trials: int
+    tuned: bool
+
+    def describe(self) -> str:
+        """'SNS, tuned over 16 trials' / 'an untuned PGD-AT baseline'."""
+        name = self.method.upper().replace("_", "-")
+        return f"{name}, tuned over {self.trials} trials" if self.tuned else f"an untuned {name} baseline"
+
+
+@config_kind("a study config", "python -m pipelines.study")
 class StudyFile(Strict):
     study: StudyBlock
     experiment: ExperimentConfig
     search_space: dict[str, ParamSpec] = Field(min_length=1)
-    baseline: BaselineBlock | None = Field(default_factory=BaselineBlock)  # null: no baseline
+    baseline: BaselineBlock | None = Field(default_factory=BaselineBlock)  # null: no baseline arm
     confirm: ConfirmBlock | None = Field(default_factory=ConfirmBlock)  # null: no confirmation stage
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -174,20 +213,23 @@ class StudyFile(Strict):
             except ConfigError as err:
                 raise ValueError(f"search_space.{path}: {str(err).removeprefix('config error: ')}") from None
             for value in spec.values() if spec.type != "int" else [spec.low, spec.high]:
-                _check_override(self.experiment, full, value, f"search_space.{path}")
+                _check_override(self.experiment, {full: value}, f"search_space.{path}")
             canonical[full] = spec
         self.search_space = canonical
         self.study.points_to_evaluate = [self._point(i, p) for i, p in enumerate(self.study.points_to_evaluate)]
-        if self.study.scheduler == "asha" and self.study.grace_period > self.experiment.train.epochs:
-            raise ValueError(f"study.grace_period: must be <= experiment.train.epochs "
-                             f"({self.experiment.train.epochs}) (got {self.study.grace_period})")
-        if self.baseline is not None:
-            self.baseline_experiment()  # the baseline's method must exist and build
+        if self.study.scheduler == "asha" and self.study.grace_period >= self.max_epochs():
+            raise ValueError(f"study.grace_period: must be < the maximum epochs ({self.max_epochs()}) for ASHA to "
+                             f"have a rung (got {self.study.grace_period})")
+        for arm in self.arms():  # every combination of edges and choices builds, before anything trains
+            check_combinations(arm.experiment, arm.space, f"the {arm.name} arm's search space")
         if self.confirm is not None:
             seeds = self.confirm_seeds()
             if self.experiment.train.seed in seeds or len(set(seeds)) != len(seeds):
                 raise ValueError(f"confirm.seeds: {seeds} must be distinct and fresh (not the search seed "
                                  f"{self.experiment.train.seed})")
+            if len(seeds) > self.confirm.max_seeds:
+                raise ValueError(f"confirm.max_seeds ({self.confirm.max_seeds}) must be >= the first seeds "
+                                 f"({len(seeds)})")
         return self
 
     def _point(self, i: int, point: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +243,7 @@ class StudyFile(Strict):
                 raise ValueError(f"{where}.{path}: {value!r} is not one of the choices {spec.choices}")
             if spec.type != "categorical" and not spec.low <= value <= spec.high:
                 raise ValueError(f"{where}.{path}: {value!r} is outside [{spec.low}, {spec.high}]")
-            _check_override(self.experiment, path, value, where)
+        _check_override(self.experiment, point, where)
         return point
 
     def baseline_method(self) -> str | None:
@@ -209,50 +251,84 @@ class StudyFile(Strict):
             return None
         return self.baseline.method or self.experiment.base_method
 
-    def baseline_experiment(self, seed: int | None = None) -> ExperimentConfig:
-        """The study's experiment with the baseline's method (same budget, data and training attack)."""
-        overrides = {"method": self.baseline_method(), "name": f"{self.experiment.name}-baseline"}
-        if seed is not None:
-            overrides["train.seed"] = seed
-        return apply_overrides(self.experiment, overrides)
+    def baseline_experiment(self) -> ExperimentConfig:
+        """The study's experiment with the baseline's method (same data, recipe and training attack)."""
+        return apply_overrides(self.experiment, {"method": self.baseline_method(),
+                                                 "name": f"{self.experiment.name}-baseline"})
 
-    def confirm_seeds(self) -> list[int]:
-        seeds = self.confirm.seeds if self.confirm is not None else []
-        return list(seeds) if isinstance(seeds, list) else [self.experiment.train.seed + 1 + i for i in range(seeds)]
+    def arms(self) -> list[Arm]:
+        """The baseline arm (when there is a baseline), then the method's arm."""
+        arms = []
+        if self.baseline is not None:
+            shared = {p: s for p, s in self.search_space.items() if not p.startswith("sns.")}
+            tuned = self.baseline.tune and bool(shared)
+            trials = self.study.trials if self.baseline.trials == "same" else self.baseline.trials
+            arms.append(Arm("baseline", self.baseline_method(), self.baseline_experiment(),
+                            shared if tuned else {}, trials if tuned else 1, tuned))
+        arms.append(Arm(self.experiment.method, self.experiment.method, self.experiment, dict(self.search_space),
+                        self.study.trials, True))
+        return arms
 
-    def warmup_shareable(self) -> bool:
-        """SNS trials can fork from one warm-up of their base method when nothing but SNS settings is searched
-        and the baseline runs that very base method."""
-        return (self.study.share_warmup and self.experiment.method == "sns" and self.baseline is not None
-                and self.baseline_method() == self.experiment.sns.base and set(self.search_space) <= set(SNS_ONLY))
+    def max_epochs(self) -> int:
+        """The most epochs any trial of either arm trains (ASHA's max_t; the arms' shared budget)."""
+        spec = self.search_space.get("train.epochs")
+        return int(max(spec.values())) if spec is not None else self.experiment.train.epochs
 
-    def warmup_epochs(self) -> list[int]:
-        """Every warm-up length a trial of this study may ask for."""
-        spec = self.search_space.get("sns.warmup_epochs")
-        values = spec.values() if spec is not None else [self.experiment.sns.warmup_epochs]
-        return sorted({min(int(v), self.experiment.train.epochs) for v in values})
+    def confirm_seeds(self, count: int | None = None) -> list[int]:
+        """The first `count` confirmation seeds (default: the initial ones): the listed seeds, then fresh ones
+        counting up from the search seed."""
+        if self.confirm is None:
+            return []
+        given = list(self.confirm.seeds) if isinstance(self.confirm.seeds, list) else []
+        count = count if count is not None else (len(given) or int(self.confirm.seeds))
+        seeds, candidate = given[:count], self.experiment.train.seed + 1
+        while len(seeds) < count:
+            if candidate not in seeds and candidate != self.experiment.train.seed:
+                seeds.append(candidate)
+            candidate += 1
+        return seeds
 
 
-def _check_override(experiment: ExperimentConfig, path: str, value: Any, where: str) -> None:
+def check_combinations(experiment: ExperimentConfig, space: dict[str, ParamSpec], where: str) -> int:
+    """Validate the experiment at every combination of the space's edges (float and int bounds, every
+    categorical choice); beyond MAX_COMBINATIONS a seeded sample of them. Returns how many were checked."""
+    paths = list(space)
+    grid = [space[p].edges() for p in paths]
+    total = 1
+    for values in grid:
+        total *= len(values)
+    combos = itertools.product(*grid)
+    if total > MAX_COMBINATIONS:
+        rng = random.Random(0)
+        combos = [tuple(rng.choice(values) for values in grid) for _ in range(MAX_COMBINATIONS)]
+    checked = 0
+    for combo in combos:
+        _check_override(experiment, dict(zip(paths, combo, strict=True)), where)
+        checked += 1
+    return checked
+
+
+def _check_override(experiment: ExperimentConfig, values: dict[str, Any], where: str) -> None:
     try:
-        apply_overrides(experiment, {path: value})
+        apply_overrides(experiment, values)
     except ConfigError as err:
-        raise ValueError(f"{where}: value {value!r} is not valid for {path}: "
-                         f"{str(err).removeprefix('config error: ')}") from None
+        shown = ", ".join(f"{p}={v!r}" for p, v in values.items())
+        raise ValueError(f"{where}: {shown} is not valid: {str(err).removeprefix('config error: ')}") from None
 
 
-def load_study(path: str | Path) -> StudyFile:
-    """Read and validate a study YAML; tracking and storage locations come back absolute."""
-    return resolve_locations(load_config(path, StudyFile))
+def load_study(path: str | Path, overrides: dict[str, Any] | None = None,
+               origins: dict[str, str] | None = None) -> StudyFile:
+    """Read and validate a study YAML with `overrides` ({dotted path: value}, e.g. from command-line flags; their
+    `origins` name the flag in an error) on top; tracking and storage locations come back absolute."""
+    return resolve_locations(load_config(path, StudyFile, overrides, origins))
 
 
 def resolve_locations(study: StudyFile, base: Path | None = None) -> StudyFile:
     """Absolute tracking URI and storage paths (Ray runs each trial in its own working directory)."""
-    from orchestrator.tracking import absolute_uri, default_tracking_uri
+    from orchestrator.tracking import absolute_uri, resolve_tracking_uri
 
     base = (base or Path.cwd()).resolve()
-    uri = study.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(base)
-    study.tracking.uri = absolute_uri(uri, base)
+    study.tracking.uri = resolve_tracking_uri(None, study.tracking.uri, base)
     ray_path = study.storage.ray or str(base / "ray_results")
     study.storage.ray = ray_path if "://" in ray_path else str((base / Path(ray_path).expanduser()).resolve())
     if study.storage.optuna:
@@ -261,15 +337,20 @@ def resolve_locations(study: StudyFile, base: Path | None = None) -> StudyFile:
 
 
 def smoke_study(study: StudyFile) -> StudyFile:
-    """Two tiny search trials two at a time, no early stopping, the baseline, and a 2-seed confirmation."""
+    """Two tiny search trials per arm two at a time, no early stopping, and a 2-seed confirmation."""
     smoke = study.model_copy(deep=True)
     smoke.experiment = smoke_experiment(study.experiment)
     smoke.study.trials, smoke.study.concurrency, smoke.study.scheduler = 2, 2, "none"
     smoke.study.points_to_evaluate = smoke.study.points_to_evaluate[:2]
-    if "sns.warmup_epochs" in smoke.search_space:
-        smoke.search_space["sns.warmup_epochs"] = ParamSpec(type="int", low=0, high=1)
+    space = dict(smoke.search_space)
+    for path in ("train.epochs", "train.eps_ramp_epochs", "sns.warmup_epochs", "sns.warmup_share"):
+        space.pop(path, None)  # the smoke budget fixes epochs (2) and warm-up (1)
+    smoke.search_space = space or {"sns.lam": ParamSpec(type="float", low=0.01, high=1.0, log=True)}
+    smoke.study.points_to_evaluate = [{p: v for p, v in point.items() if p in space}
+                                      for point in smoke.study.points_to_evaluate] if space else []
     if smoke.confirm is not None:
         seed = smoke.experiment.train.seed
         smoke.confirm = smoke.confirm.model_copy(update={"seeds": [seed + 1, seed + 2], "attacks": None,
-                                                         "examples": 64, "top_k": 1, "pareto": False})
-    return smoke
+                                                         "examples": 64, "top_k": 1, "pareto": False,
+                                                         "max_seeds": 2})
+    return StudyFile.model_validate(smoke.model_dump(mode="json"))

@@ -2,7 +2,8 @@
 
 Everything goes through `MlflowClient` with explicit run ids, so a Ray trial in another process
 (and another working directory) logs to the right run given only the tracking URI and the run id.
-Nothing else in nslab imports mlflow: the next MLflow API change is an edit here.
+Nothing else in nslab logs through mlflow (pipelines/tracking_server.py only starts its server and adds
+users): the next MLflow API change is an edit here.
 
     tracker = Tracker("sqlite:////abs/path/mlflow.db", "nslab")
     parent = tracker.start_run("study-quick", params={...}, tags={...})
@@ -20,6 +21,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -37,6 +39,14 @@ MAX_PARAM_LENGTH = 6000
 def default_tracking_uri(directory: str | Path | None = None) -> str:
     """`sqlite:///<absolute dir>/mlflow.db` (MLflow 3's default store; Ray trials need absolute paths)."""
     return f"sqlite:///{Path(directory or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(flag: str | None, configured: str | None = None, base: str | Path | None = None) -> str:
+    """The one place a tracking URI is chosen, for every pipeline: `--tracking-uri`, else the config's
+    `tracking.uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<base or cwd>/mlflow.db; made absolute."""
+    base = Path(base or Path.cwd()).resolve()
+    uri = flag or configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(base)
+    return absolute_uri(uri, base)
 
 
 def absolute_uri(uri: str, base: Path) -> str:
@@ -95,6 +105,9 @@ def prepare_sqlite_store(tracking_uri: str) -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # a slow import: outside the lock
 
     db = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+    if _built(db):  # built before (by another process): MLflow's client checks its schema version itself
+        _prepared.add(tracking_uri)
+        return
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -106,9 +119,27 @@ def prepare_sqlite_store(tracking_uri: str) -> None:
             finally:
                 connection.close()
             SqlAlchemyStore(tracking_uri, (db.parent / "mlartifacts").as_uri())  # builds or upgrades the schema
+            import mlflow
+
+            _ready_marker(db).write_text(f"{db.stat().st_ino} {mlflow.__version__}")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     _prepared.add(tracking_uri)
+
+
+def _ready_marker(db: Path) -> Path:
+    return db.with_name(db.name + ".ready")
+
+
+def _built(db: Path) -> bool:
+    """A store this MLflow version finished building: its marker (written under the lock once the schema was
+    complete) names this very file (its inode) and the MLflow version that built it."""
+    import mlflow
+
+    try:
+        return _ready_marker(db).read_text() == f"{db.stat().st_ino} {mlflow.__version__}"
+    except OSError:
+        return False
 
 
 class TrackingError(ValueError):
@@ -207,6 +238,10 @@ class Tracker:
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def set_description(self, run_id: str, markdown: str) -> None:
+        """The run's description, which the MLflow UI renders as Markdown on the run page."""
+        self.client.set_tag(run_id, "mlflow.note.content", markdown)
+
     def log_table(self, run_id: str, table: pa.Table, artifact_path: str) -> None:
         """Write `table` as Parquet and log it at `artifact_path` (e.g. "eval/robust_accuracy.parquet")."""
         directory, name = os.path.split(artifact_path)
@@ -259,7 +294,7 @@ class Tracker:
         except Exception:  # MLflow raises its own RESOURCE_DOES_NOT_EXIST error
             return False
 
-    def last_step(self, run_id: str, key: str = "epoch") -> int:
+    def last_step(self, run_id: str, key: str = "val/robust_acc") -> int:
         """The highest step logged for `key` (-1 when none): a resumed run logs only what comes after it."""
         history = self.client.get_metric_history(run_id, key)
         return max((m.step for m in history), default=-1)
@@ -268,4 +303,5 @@ class Tracker:
         """The one command that opens the MLflow UI on this store."""
         if self.tracking_uri.startswith("http"):
             return f"open {self.tracking_uri}"
-        return f"mlflow ui --backend-store-uri {self.tracking_uri} --port 5000"
+        beside = Path(sys.executable).parent / "mlflow"  # the venv's, so it works in a shell without the venv on PATH
+        return f"{beside if beside.is_file() else 'mlflow'} ui --backend-store-uri {self.tracking_uri} --port 5000"

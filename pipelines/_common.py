@@ -34,11 +34,21 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported (after this)
 
 
+THROUGH_NSLAB = False  # set by the `nslab` console script: usage lines then read `nslab study ...`
+
+
+def prog(command: str) -> str:
+    """How the user ran the pipeline: `nslab tracking-server` or `python -m pipelines.tracking_server`."""
+    return f"nslab {command.replace('_', '-')}" if THROUGH_NSLAB else f"python -m pipelines.{command}"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: 'error: argument --examples: must be >= 1, got 0 (see ... --help)'."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, command: str | None = None, **kwargs) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        if command is not None:
+            kwargs["prog"] = prog(command)
         super().__init__(**kwargs)
 
     def error(self, message: str):

@@ -28,8 +28,18 @@ from analyses.config import load_methods_config
 from analyses.loading import check_layers, load_checkpoints, same_data
 from analyses.report import ReportWriter
 from analyses.stabilize import StabilizeOptions, stabilize_report
+from orchestrator.results import Status
 from orchestrator.tracking import Tracker, absolute_uri, default_tracking_uri
-from pipelines._common import Parser, Timer, add_common_flags, positive_int, run_cli, setup_logging, writable_dir
+from pipelines._common import (
+    Parser,
+    Timer,
+    add_common_flags,
+    positive_int,
+    prog,
+    run_cli,
+    setup_logging,
+    writable_dir,
+)
 
 log = logging.getLogger("pipelines.analyze")
 DEFAULT_EXPERIMENT = "nslab-analysis"
@@ -37,7 +47,7 @@ SMOKE_FRACTIONS = [0.1, 0.5, 1.0]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m pipelines.analyze", description=__doc__)
+    parser = Parser("analyze", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{methods,compare,stabilize,study}")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -154,15 +164,15 @@ def run_methods_command(args) -> int:
     robust = "AutoAttack" if any(a.name == "autoattack" for a in e.final_suite()) else "worst case"
     print("\n" + format_table(result.summary.to_pylist(), result.paired_summary.to_pylist(), robust))
     for row in result.per_seed.to_pylist():
-        if row["status"] != "ok":
+        if row["status"] != Status.COMPLETE:
             print(f"  {row['method']} seed {row['seed']} failed: {row['error']}")
     print(f"\n{jobs} trainings in {result.seconds:.0f} s; report: {writer.where()}")
     seed = config.seeds[0]
     ckpt = {label: str(path) for (label, s), path in result.checkpoints.items() if s == seed}
     if ckpt:
-        print("next:\n  python -m pipelines.analyze compare --checkpoints " + " ".join(ckpt.values()))
+        print(f"next:\n  {prog('analyze')} compare --checkpoints " + " ".join(ckpt.values()))
         chosen = [ckpt[k] for k in ("pgd_at", "standard") if k in ckpt] or list(ckpt.values())[:1]
-        print("  python -m pipelines.analyze stabilize --checkpoint " + " ".join(chosen))
+        print(f"  {prog('analyze')} stabilize --checkpoint " + " ".join(chosen))
     return 0
 
 

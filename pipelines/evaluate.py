@@ -34,7 +34,7 @@ log = logging.getLogger("pipelines.evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m pipelines.evaluate", description=__doc__)
+    parser = Parser("evaluate", description=__doc__)
     parser.add_argument("--checkpoint", help="a training checkpoint (.pt), e.g. runs/quick/checkpoint.pt")
     parser.add_argument("--attacks", nargs="+", metavar="NAME:EPS[:STEPS[:NORM[:RESTARTS]]]",
                         help="the attack suite, e.g. fgsm:0.3 pgd:0.3:20 autoattack:0.3 pgd:8/255:10:linf:2")
@@ -92,7 +92,7 @@ def _evaluate(args, checkpoint: Path, attacks: list, examples: int | None) -> in
     from orchestrator.artifacts import write_table
     from orchestrator.config import apply_overrides, validate
     from orchestrator.experiment_config import ExperimentConfig
-    from orchestrator.run import load_data, record_failure, record_report
+    from orchestrator.run import final_suite, load_data, record_failure, record_report
     from orchestrator.tracking import Tracker, absolute_uri, default_tracking_uri, git_commit
 
     timer = Timer()
@@ -105,9 +105,7 @@ def _evaluate(args, checkpoint: Path, attacks: list, examples: int | None) -> in
         raise ValueError(f"{checkpoint} holds a model for inputs {tuple(meta['input_shape'])}, but "
                          f"{experiment.dataset} "
                          f"gives {tuple(data.input_shape)}; evaluate it on the data it was trained on")
-    watched = tuple(experiment.sns.layers or model.default_layers) if experiment.method == "sns" else None
-    attacks = [a.replace(layers=watched) if a.name == "feature_pgd" and a.layers is None and watched else a
-               for a in attacks or experiment.final_suite()]
+    attacks = final_suite(experiment, model, attacks or None)
     for attack in attacks:  # a threat model that does not fit these inputs is one line, before any run starts
         check_threat_model(attack.norm, attack.eps, f"attack {attack.label}", data.input_shape)
     uri = absolute_uri(args.tracking_uri or default_tracking_uri(), Path.cwd())

@@ -24,7 +24,7 @@ from pipelines._common import Parser, positive_int, run_cli, setup_logging, writ
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m pipelines.tracking_server", description=__doc__)
+    parser = Parser("tracking_server", description=__doc__)
     parser.add_argument("--store", help="folder for the server's database(s) and artifacts (created if missing)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=positive_int, default=5000, help="port (default 5000)")
@@ -39,6 +39,8 @@ def build_parser() -> Parser:
 def server_command(store: Path, host: str, port: int, auth: bool, workers: int) -> tuple[list[str], dict[str, str]]:
     """The `mlflow server` argv and environment (secrets only in the environment)."""
     env = dict(os.environ)
+    # MLflow 3's GenAI job runner (six huey worker processes) serves nothing nslab logs: leave it off
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     argv = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--serve-artifacts",
             "--artifacts-destination", str(store / "artifacts"), "--workers", str(workers)]

@@ -25,6 +25,7 @@ from pipelines._common import (
     Timer,
     add_common_flags,
     check_tracking_location,
+    prog,
     run_cli,
     setup_logging,
     writable_dir,
@@ -34,7 +35,7 @@ log = logging.getLogger("pipelines.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m pipelines.train", description=__doc__)
+    parser = Parser("train", description=__doc__)
     parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/experiment/quick.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                         help="override a field, e.g. --set sns.lam=0.3 (repeatable; values read as YAML)")
@@ -69,8 +70,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"# dry run: valid; MLflow {uri} (experiment {args.experiment_name})")
         return 0
     if state is not None and state["epoch"] >= experiment.train.epochs:
-        print(f"{checkpoint} has finished training ({checkpoint_summary(state)}); evaluate it with python -m "
-              f"pipelines.evaluate --checkpoint {checkpoint}, or pass --fresh to train again")
+        print(f"{checkpoint} has finished training ({checkpoint_summary(state)}); evaluate it with "
+              f"{prog('evaluate')} --checkpoint {checkpoint}, or pass --fresh to train again")
         return 0
     writable_dir(checkpoint.parent, "checkpoint folder")
     check_tracking_location(uri)

@@ -1,5 +1,13 @@
-"""Shared fixtures: small, seeded, CPU-sized experiments on the embedded mnist5k digits, and a few models
-trained once per session (seconds) for the evaluation and pipeline tests."""
+"""Shared fixtures and the two test tiers.
+
+`make test` runs every test. `make test-fast` (NSLAB_TEST_TIER=fast, `-m "not slow"`) is the edit loop: no
+Ray, no subprocess, no training beyond a few steps; a test that starts Ray or a subprocess in that tier fails
+with a line saying to mark it slow, so the tier stays honest.
+
+Every test runs with NSLAB_MEMORY_FORMAT=contiguous (unless it sets the format itself): the format a process
+picks by timing must not decide a float path, or two runs of one study could differ. Ray workers inherit it,
+and PYTHONPATH with this folder (tests/user_models.py is a researcher's own model, named by import path).
+"""
 
 import os
 import subprocess
@@ -9,14 +17,47 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.config import apply_overrides, load_config
-from orchestrator.experiment_config import ExperimentConfig
-from orchestrator.run import build_trainer
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 127.0.0.1 (before Ray's import)
+os.environ["NSLAB_MEMORY_FORMAT"] = os.environ.get("NSLAB_MEMORY_FORMAT") or "contiguous"
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
+FAST = os.environ.get("NSLAB_TEST_TIER") == "fast"
+
+from orchestrator.config import apply_overrides, load_config  # noqa: E402
+from orchestrator.experiment_config import ExperimentConfig  # noqa: E402
+from orchestrator.run import build_trainer  # noqa: E402
 
 torch.set_num_threads(1)  # deterministic speed on a shared 2-core box; Ray trials set their own
-REPO = Path(__file__).resolve().parent.parent
 QUICK = REPO / "configs" / "experiment" / "quick.yaml"
+TINY_STUDY = REPO / "configs" / "study" / "tiny.yaml"
 TRAINED_EPS = 0.15
+
+
+SLOW_FIXTURES = {"trained_models", "local_ray"}  # they train for seconds or start Ray: whoever uses them is slow
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fast_tier_guard():
+    """In the fast tier, starting Ray or a subprocess is a test-tier mistake, reported as such."""
+    if not FAST:
+        yield
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the fast tier starts no Ray and no subprocess: mark this test @pytest.mark.slow")
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(subprocess.Popen, "__init__", refuse)
+    patch.setattr(ray, "init", refuse)
+    yield
+    patch.undo()
 
 
 def tiny_experiment(method: str = "pgd_at", epochs: int = 1, train_limit: int = 256, **overrides) -> ExperimentConfig:
@@ -24,9 +65,10 @@ def tiny_experiment(method: str = "pgd_at", epochs: int = 1, train_limit: int = 
     base = load_config(QUICK, ExperimentConfig)
     return apply_overrides(base, {
         "method": method, "name": f"tiny-{method}", "attack.steps": 3, "train.epochs": epochs,
-        "train.batch_size": 64, "train.probe_size": 64, "train.val_attack": {"name": "pgd", "eps": 0.2, "steps": 3},
-        "data.train_limit": train_limit, "data.val_size": 64, "data.test_limit": 256, "eval.examples": 64,
-        "eval.check_examples": 32, "eval.sensitivity_examples": 64, "sns.warmup_epochs": min(1, epochs - 1),
+        "train.eps_ramp_epochs": 0, "train.batch_size": 64, "train.probe_size": 64,
+        "train.val_attack": {"name": "pgd", "eps": 0.2, "steps": 3}, "data.train_limit": train_limit,
+        "data.val_size": 64, "data.test_limit": 256, "eval.examples": 64, "eval.check_examples": 32,
+        "eval.sensitivity_examples": 64, "sns.warmup_epochs": min(1, epochs - 1),
         "eval.attacks": [{"name": "fgsm", "eps": 0.2}, {"name": "pgd", "eps": 0.2, "steps": 3}], **overrides})
 
 
@@ -41,7 +83,19 @@ def make_experiment_module():
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
+def checkpoint(tmp_path_factory) -> Path:
+    """A LeNet-5 checkpoint after a few PGD-AT steps: a valid nslab checkpoint for input-handling tests."""
+    experiment = tiny_experiment("pgd_at", train_limit=128, **{"attack.eps": TRAINED_EPS, "attack.steps": 1,
+                                                                "train.val_attack": {"name": "fgsm", "eps": 0.15}})
+    trainer = build_trainer(experiment)
+    trainer.fit()
+    path = tmp_path_factory.mktemp("checkpoint") / "pgd_at.pt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory):
     """Standard, PGD-AT and SNS LeNet-5s trained for a few seconds on 2,000 mnist5k digits at Linf eps 0.15
     (PGD-AT: ~90% clean, ~55% PGD), with their checkpoints: {method: (trainer, checkpoint path)}."""
     folder = tmp_path_factory.mktemp("trained")
@@ -58,10 +112,19 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray (2 CPUs, 127.0.0.1) for every in-process study of the session."""
+    from orchestrator.ray_runtime import ray_session
+
+    with ray_session(num_cpus=2):
+        yield
+
+
 def subprocess_env(**extra: str) -> dict:
     """The environment a pipeline subprocess gets: this checkout importable, no inherited cluster or store."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), **extra}
+    return {**env, **extra}
 
 
 def run_module(args: list[str], cwd: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:

@@ -9,12 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from analyses.methods import paired_differences, rows_table, summarize
+from analyses.methods import paired_differences, summarize
 from ns_core.sensitivity import SensitivityMap
+from orchestrator.results import rows_table
 from orchestrator.tracking import Tracker
-from pipelines.analyze import main, smoke_checkpoints
-
-pytestmark = pytest.mark.slow
+from pipelines.analyze import main
 
 
 def uri(tmp_path) -> str:
@@ -40,6 +39,7 @@ def report_runs(tmp_path, kind: str):
     return tracker, parents[0], tracker.children(parents[0].info.run_id)
 
 
+@pytest.mark.slow
 def test_methods_smoke_trains_every_method_and_seed_as_tune_trials(tmp_path):
     assert run(tmp_path, "methods", "--smoke-test") == 0
     out = tmp_path / "out"
@@ -48,7 +48,7 @@ def test_methods_smoke_trains_every_method_and_seed_as_tune_trials(tmp_path):
     per_seed = tables["methods/per_seed.parquet"].to_pylist()
     assert {(r["method"], r["seed"]) for r in per_seed} == {(m, s) for m in ("standard", "pgd_at", "trades", "sns")
                                                            for s in (0, 1)}
-    assert all(r["status"] == "ok" and 0 <= r["robust_acc"] <= r["clean_acc"] <= 1 for r in per_seed)
+    assert all(r["status"] == "COMPLETE" and 0 <= r["robust_acc"] <= r["clean_acc"] <= 1 for r in per_seed)
     paired = tables["methods/paired_summary.parquet"].to_pylist()
     assert {(p["a"], p["b"]) for p in paired} == {("sns", "pgd_at"), ("trades", "pgd_at")}
     tracker, parent, children = report_runs(tmp_path, "methods")
@@ -68,6 +68,7 @@ def test_methods_smoke_trains_every_method_and_seed_as_tune_trials(tmp_path):
     assert main(["compare", "--checkpoints", *map(str, sorted(checkpoints)[:2]), "--dry-run"]) == 0
 
 
+@pytest.mark.slow
 def test_compare_smoke_writes_stats_verdict_and_plots(tmp_path):
     assert run(tmp_path, "compare", "--smoke-test") == 0
     out = tmp_path / "out"
@@ -83,6 +84,7 @@ def test_compare_smoke_writes_stats_verdict_and_plots(tmp_path):
     assert sorted(c.info.run_name for c in children) == ["pgd_at", "standard"]
 
 
+@pytest.mark.slow
 def test_stabilize_smoke_writes_curves_and_plots(tmp_path):
     assert run(tmp_path, "stabilize", "--smoke-test", "--layer", "relu3") == 0
     out = tmp_path / "out"
@@ -165,7 +167,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert "error:" in err and "\n" not in err and message in err and "Traceback" not in err
 
 
-def test_bad_config_key_and_unknown_layer_name_the_valid_choices(tmp_path, capsys):
+def test_bad_config_key_and_unknown_layer_name_the_valid_choices(tmp_path, capsys, checkpoint):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmethods: [{label: a, method: standard}]\nexperiment: {train: {epochz: 3}}\n")
     assert run(tmp_path, "methods", "--config", str(bad), "--dry-run") == 2
@@ -175,9 +177,8 @@ def test_bad_config_key_and_unknown_layer_name_the_valid_choices(tmp_path, capsy
     assert run(tmp_path, "methods", "--config", str(bad), "--dry-run") == 2
     err = capsys.readouterr().err.strip()
     assert "methods.0.sns.lamda: unknown key" in err and "lambda" in err
-    checkpoint = smoke_checkpoints(tmp_path)[0]
     capsys.readouterr()
-    assert run(tmp_path, "stabilize", "--checkpoint", checkpoint, "--layer", "relu9", "--dry-run") == 2
+    assert run(tmp_path, "stabilize", "--checkpoint", str(checkpoint), "--layer", "relu9", "--dry-run") == 2
     err = capsys.readouterr().err.strip()
     assert "unknown layer 'relu9'" in err and "relu3" in err and "\n" not in err
 
@@ -190,10 +191,10 @@ def test_dry_runs_check_inputs_and_start_nothing(tmp_path, capsys):
 
 
 def test_paired_differences_and_summary_leave_failed_seeds_out():
-    rows = [{"method": m, "seed": s, "status": "ok", "clean_acc": c, "robust_acc": r, "sensitivity_all": 1.0,
+    rows = [{"method": m, "seed": s, "status": "COMPLETE", "clean_acc": c, "robust_acc": r, "sensitivity_all": 1.0,
              "relative_sensitivity_all": 1.0}
             for m, s, c, r in (("a", 0, 0.9, 0.5), ("a", 1, 0.8, 0.6), ("b", 0, 0.95, 0.4), ("b", 1, 0.9, 0.5))]
-    rows.append({"method": "a", "seed": 2, "status": "failed", "error": "TrainingCollapsed"})
+    rows.append({"method": "a", "seed": 2, "status": "FAILED", "error": "TrainingCollapsed"})
     per_seed, summary = paired_differences(rows, [("a", "b")])
     robust = next(p for p in summary if p["metric"] == "robust_acc")
     assert robust["seeds"] == 2 and robust["mean"] == pytest.approx(0.1) and robust["std"] == pytest.approx(0.0)

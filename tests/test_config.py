@@ -22,6 +22,7 @@ EXPERIMENTS = sorted((REPO / "configs" / "experiment").glob("*.yaml"))
 STUDIES = sorted((REPO / "configs" / "study").glob("*.yaml"))
 ANALYSES = sorted((REPO / "configs" / "analysis").glob("*.yaml"))
 TINY = REPO / "configs" / "study" / "tiny.yaml"
+QUICK = REPO / "configs" / "experiment" / "quick.yaml"
 
 
 def load_experiment(path, overrides=None):
@@ -128,7 +129,7 @@ def _write(tmp_path, name, data) -> Path:
 def test_search_space_values_are_checked_against_the_experiment(tmp_path):
     path = _write(tmp_path, "s.yaml", {"base": str(TINY), "search_space": {
         "sns.fraction": {"type": "float", "low": 0.1, "high": 1.5}}})
-    with pytest.raises(ConfigError, match=r"search_space\.sns\.fraction: value 1\.5 is not valid"):
+    with pytest.raises(ConfigError, match=r"search_space\.sns\.fraction: sns\.fraction=1\.5 is not valid: .*<= 1"):
         load_study(path)
 
 
@@ -147,14 +148,34 @@ def test_smoke_budgets_are_tiny():
     assert "autoattack" not in [a.name for a in experiment.eval.attacks]
 
 
-def test_a_study_has_a_baseline_and_fresh_confirmation_seeds(tmp_path):
+def test_a_study_has_a_baseline_arm_and_fresh_confirmation_seeds(tmp_path):
     study = load_study(TINY)
     assert study.baseline_method() == "pgd_at" and study.confirm_seeds() == [1, 2]
-    assert study.baseline_experiment(seed=5).method == "pgd_at" and study.baseline_experiment(5).train.seed == 5
-    assert study.warmup_shareable() and study.warmup_epochs() == [1]
+    assert study.confirm_seeds(4) == [1, 2, 3, 4]  # the listed seeds, then fresh ones, never the search seed
+    assert study.baseline_experiment().method == "pgd_at"
     path = _write(tmp_path, "seed.yaml", {"base": str(TINY), "confirm": {"seeds": [0, 1]}})
     with pytest.raises(ConfigError, match="must be distinct and fresh"):
         load_study(path)
+    path = _write(tmp_path, "max.yaml", {"base": str(TINY), "confirm": {"seeds": 3, "max_seeds": 2}})
+    with pytest.raises(ConfigError, match=r"confirm.max_seeds \(2\) must be >= the first seeds \(3\)"):
+        load_study(path)
+
+
+def test_every_combination_of_the_search_space_is_checked_before_anything_trains(tmp_path):
+    """Each value is fine alone; together (a 4-epoch budget with a 4-epoch eps ramp) the run never trains at the
+    full eps, so the study is refused at load time, naming the combination."""
+    path = _write(tmp_path, "combo.yaml", {"base": str(TINY), "experiment": {"train": {"epochs": 8}}, "search_space": {
+        "train.epochs": {"type": "int", "low": 3, "high": 8},
+        "train.eps_ramp_epochs": {"type": "categorical", "choices": [0, 3]}}})
+    with pytest.raises(ConfigError, match=r"train.epochs=3, train.eps_ramp_epochs=3 is not valid: "
+                                          r".*eps_ramp_epochs \(3\) must be < train.epochs \(3\)"):
+        load_study(path)
+    share = _write(tmp_path, "share.yaml", {"base": str(TINY), "search_space": {
+        "train.epochs": {"type": "int", "low": 2, "high": 6},
+        "sns.warmup_share": {"type": "float", "low": 0.2, "high": 0.5}}})
+    study = load_study(share)  # a share keeps the warm-up below the epochs at every edge
+    assert apply_overrides(study.experiment, {"train.epochs": 6, "sns.warmup_share": 0.5}).sns.warmup_epochs == 3
+    assert study.max_epochs() == 6
 
 
 BAD_CONFIGS = {
@@ -208,3 +229,51 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     path.write_text("study:\n  trials: [1, 2\n")
     with pytest.raises(ConfigError, match=r"YAML syntax error at line \d+"):
         load_study(path)
+
+
+# ---- small things that were wrong at the config boundary ------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused_everywhere(value, tmp_path):
+    with pytest.raises(ConfigError, match=r"sns.lam: must be a finite number"):
+        load_experiment(QUICK, parse_set([f"sns.lam={value}"]))
+    with pytest.raises(ConfigError, match=r"train.lr: must be a finite number"):
+        load_experiment(QUICK, parse_set([f"train.lr={value}"]))
+    path = _write(tmp_path, "s.yaml", {"base": str(TINY), "search_space": {"sns.lam": {
+        "type": "float", "low": 0.1, "high": float(value.replace(".inf", "inf").replace(".nan", "nan"))}}})
+    with pytest.raises(ConfigError, match="finite"):
+        load_study(path)
+
+
+def test_eps_as_the_fraction_the_guard_suggests_is_accepted(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 8/255 = 0.03137"):
+        load_experiment(QUICK, parse_set(["attack.eps=8"]))
+    experiment = load_experiment(QUICK, parse_set(["attack.eps=8/255", "eval.attacks=[{name: pgd, eps: 4/255}]"]))
+    assert experiment.attack.eps == pytest.approx(8 / 255) and experiment.eval.attacks[0].eps == pytest.approx(4 / 255)
+    path = _write(tmp_path, "e.yaml", {"base": str(QUICK), "attack": {"name": "pgd", "eps": "8/255"}})
+    assert load_experiment(path).attack.eps == pytest.approx(8 / 255)
+    with pytest.raises(ConfigError, match="EPS must be a number or a fraction like 8/255"):
+        load_experiment(QUICK, parse_set(["attack.eps=8/zero"]))
+
+
+def test_an_error_from_a_flag_names_the_flag_not_the_file(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_experiment(QUICK, parse_set(["sns.fraction=1.5"]))
+    assert str(err.value).endswith("(from --set sns.fraction=1.5)") and "quick.yaml" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_study(TINY, {"study.trials": 0}, {"study.trials": "--trials 0"})
+    assert str(err.value) == "config error: study.trials: must be >= 1 (got 0) (from --trials 0)"
+    bad = _write(tmp_path, "bad.yaml", {"base": str(QUICK), "train": {"epochs": 0}})
+    with pytest.raises(ConfigError, match=r"train.epochs: must be >= 1 \(got 0\) \(in .*bad.yaml\)$"):  # not the flag
+        load_experiment(bad, parse_set(["sns.lam=0.3"]))
+
+
+def test_a_config_of_another_kind_is_one_line_saying_so():
+    with pytest.raises(ConfigError) as err:
+        load_study(QUICK)
+    assert str(err.value) == (f"config error: {QUICK} is an experiment config, not a study config; run it with python "
+                              "-m pipelines.train, or give python -m pipelines.study a study config (see configs/)")
+    with pytest.raises(ConfigError, match="is a study config, not an experiment config; run it with python -m "
+                                          "pipelines.study"):
+        load_experiment(TINY)

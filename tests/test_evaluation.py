@@ -17,8 +17,8 @@ EPS = 0.15  # the session models' training eps (conftest.TRAINED_EPS)
 
 
 @pytest.fixture(scope="module")
-def pgd_at(trained):
-    trainer, _ = trained["pgd_at"]
+def pgd_at(trained_models):
+    trainer, _ = trained_models["pgd_at"]
     return trainer.model.eval(), *trainer.val.take(160)
 
 
@@ -50,16 +50,15 @@ def test_the_cascade_finds_the_worst_case_of_every_attack_on_every_example_for_l
     assert sum(r["new_errors"] for r in cascade.rows[1:4]) == cascade.worst_cases[0]["new_errors"]
 
 
-@pytest.mark.slow
-def test_autoattack_le_pgd_le_fgsm_le_clean_and_a_standard_model_falls_to_zero(trained):
-    trainer, _ = trained["pgd_at"]
+def test_autoattack_le_pgd_le_fgsm_le_clean_and_a_standard_model_falls_to_zero(trained_models):
+    trainer, _ = trained_models["pgd_at"]
     model, (x, y) = trainer.model.eval(), trainer.val.take(64)
     alone = {name: evaluate_robustness(model, (x, y), [Attack(name, EPS, **kw)], checks=False).robust_accuracy
              for name, kw in (("fgsm", {}), ("pgd", {"steps": 20}), ("autoattack", {}))}
     clean = evaluate_robustness(model, (x, y), [], checks=False).clean_accuracy
     assert alone["autoattack"] <= alone["pgd"] <= alone["fgsm"] <= clean, (alone, clean)
     assert alone["pgd"] > 0.2  # a robust model: the ordering is not 0 <= 0 <= 0
-    standard = trained["standard"][0].model.eval()
+    standard = trained_models["standard"][0].model.eval()
     report = evaluate_robustness(standard, (x, y), [Attack("autoattack", 0.3)], checks=False)
     assert [r["attack"] for r in report.rows[1:5]] == ["apgd_ce", "apgd_t", "fab_t", "square"]
     assert report.clean_accuracy > 0.8 and report.robust_accuracy <= 0.02
@@ -77,8 +76,8 @@ class Quantized(nn.Module):
         return self.model(torch.round(x * 3) / 3)
 
 
-def test_masking_checks_pass_on_a_normal_model_and_flag_a_masked_one(trained):
-    trainer, _ = trained["standard"]
+def test_masking_checks_pass_on_a_normal_model_and_flag_a_masked_one(trained_models):
+    trainer, _ = trained_models["standard"]
     model, (x, y) = trainer.model.eval(), trainer.val.take(128)
     suite = [Attack("pgd", EPS, steps=10), Attack("square", EPS, steps=300)]
     normal = evaluate_robustness(model, (x, y), suite, check_examples=64)
@@ -100,8 +99,8 @@ def _watched_change(model, x, x_adv, layers):
     return sum(float((adv[name] - benign[name]).abs().mean() / benign[name].abs().mean()) for name in layers)
 
 
-def test_feature_pgd_moves_the_watched_neurons_more_and_is_not_weaker_on_sns(trained):
-    trainer, _ = trained["sns"]
+def test_feature_pgd_moves_the_watched_neurons_more_and_is_not_weaker_on_sns(trained_models):
+    trainer, _ = trained_models["sns"]
     model, (x, y) = trainer.model.eval(), trainer.val.take(160)
     layers = trainer.objective.watched_layers(model)
     plain = Attack("pgd", EPS, steps=20)
@@ -113,8 +112,9 @@ def test_feature_pgd_moves_the_watched_neurons_more_and_is_not_weaker_on_sns(tra
     assert feature_alone <= pgd_alone + 0.03, (feature_alone, pgd_alone)
 
 
-def test_threat_model_guards(pgd_at):
-    model, x, y = pgd_at
+def test_threat_model_guards():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
     with pytest.raises(ValueError, match="exceeds the diameter"):
         evaluate_robustness(model, (x, y), [Attack("pgd", 50.0, norm="l2")])
     with pytest.raises(ValueError, match="must be >= 1"):

@@ -3,13 +3,14 @@
 
 - several writers opening one new SQLite store at the same moment;
 - a trial's worker process killed (SIGKILL, by PID) mid-epoch;
-- the driver killed (SIGKILL) mid-search and again mid-confirmation, then --resume;
-- the tracking server stopped mid-study and restarted;
+- the driver killed (SIGKILL) mid-search and again between confirmation seeds, then the same command (flags
+  included) with --resume;
+- an authenticated tracking server stopped mid-study and restarted; a client without credentials refused;
 - a checkpoint cut short before a resume;
-- storage and data paths that cannot be used (one line, before Ray starts);
-- an authenticated server: a study with credentials from the environment, a client without them refused.
+- storage and data paths that cannot be used (one line, before Ray starts).
 """
 
+import json
 import os
 import signal
 import socket
@@ -21,16 +22,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_module, subprocess_env
+from conftest import REPO, TINY_STUDY, run_module, subprocess_env
 
 from orchestrator.tracking import Tracker
 
 pytestmark = pytest.mark.slow
-TINY = REPO / "configs" / "study" / "tiny.yaml"
 
 
 def write_study(tmp_path: Path, uri: str, name: str = "study.yaml", **blocks) -> Path:
-    data = {"base": str(TINY), "tracking": {"uri": uri, "experiment": "faults"},
+    data = {"base": str(TINY_STUDY), "tracking": {"uri": uri, "experiment": "faults"},
             "storage": {"ray": str(tmp_path / "ray")}, **blocks}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
@@ -68,9 +68,8 @@ def runs(uri: str) -> list:
         return []
 
 
-def assert_every_epoch_once(uri: str, run, epochs: int, metric: str = "val/robust_acc") -> None:
-    steps = [m.step for m in Tracker(uri, "faults").client.get_metric_history(run.info.run_id, metric)]
-    assert sorted(steps) == list(range(1, epochs + 1)), (run.info.run_name, steps)
+def epochs_logged(uri: str, run, metric: str = "val/robust_acc") -> list[int]:
+    return sorted(m.step for m in Tracker(uri, "faults").client.get_metric_history(run.info.run_id, metric))
 
 
 def free_port() -> int:
@@ -108,12 +107,21 @@ class Server:
         self.process = None
 
 
+WRITER = """
+import sys
+from orchestrator.tracking import Tracker
+tracker = Tracker(sys.argv[1], "nslab")
+run = tracker.start_run("writer", tags={"nslab.kind": "train"})
+tracker.log_metrics(run, {"val/robust_acc": 0.5}, step=1)
+tracker.end_run(run)
+"""
+
+
 def test_several_writers_open_a_new_sqlite_store_at_once(tmp_path):
     uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
-    args = ["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"), "--smoke-test",
-            "--tracking-uri", uri]
-    processes = [start([*args, "--runs-dir", str(tmp_path / f"runs{i}")], tmp_path) for i in range(3)]
-    results = [finish(p, 300) for p in processes]
+    processes = [subprocess.Popen([sys.executable, "-c", WRITER, uri], cwd=tmp_path, env=subprocess_env(),
+                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(3)]
+    results = [finish(p, 120) for p in processes]
     assert all(code == 0 for code, _ in results), [out[-1500:] for _, out in results]
     trains = Tracker(uri, "nslab").find_runs("tags.`nslab.kind` = 'train'")
     assert len(trains) == 3 and {r.info.status for r in trains} == {"FINISHED"}
@@ -121,7 +129,7 @@ def test_several_writers_open_a_new_sqlite_store_at_once(tmp_path):
 
 def test_a_trial_worker_killed_mid_epoch_is_retried_into_its_own_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = write_study(tmp_path, uri, study={"trials": 2, "max_failures": 2}, confirm=None, experiment={
+    config = write_study(tmp_path, uri, study={"trials": 1, "max_failures": 2}, confirm=None, experiment={
         "train": {"epochs": 3}, "data": {"train_limit": 1500}, "attack": {"name": "pgd", "eps": 0.2, "steps": 4}})
     study = start(["pipelines.study", "--config", str(config), "--name", "kill-worker"], tmp_path)
     try:
@@ -129,7 +137,7 @@ def test_a_trial_worker_killed_mid_epoch_is_retried_into_its_own_run(tmp_path):
             for run in runs(uri):
                 # epoch 1 is the shared warm-up it forked from; epoch 2 is its own, reported with a checkpoint
                 if run.data.tags.get("nslab.role") == "search" and run.info.status == "RUNNING" \
-                        and run.data.metrics.get("epoch", 0) >= 2 and "nslab.worker" in run.data.tags:
+                        and len(epochs_logged(uri, run)) >= 2 and "nslab.worker" in run.data.tags:
                     return run
             return None
 
@@ -142,21 +150,21 @@ def test_a_trial_worker_killed_mid_epoch_is_retried_into_its_own_run(tmp_path):
         study.kill()
     assert code == 0, output[-3000:]
     search = [r for r in runs(uri) if r.data.tags["nslab.role"] == "search"]
-    assert len(search) == 2 == len({r.data.tags["nslab.trial_id"] for r in search})  # one run per trial
-    killed = next(r for r in search if r.info.run_id == victim.info.run_id)
-    assert killed.info.status == "FINISHED" and "nslab.resumed_from_epoch" in killed.data.tags
-    for run in search:
-        assert_every_epoch_once(uri, run, 3)
+    assert len(search) == 1  # one run per trial: the retry continued the killed one
+    (killed,) = search
+    assert killed.info.run_id == victim.info.run_id and killed.info.status == "FINISHED"
+    assert "nslab.resumed_from_epoch" in killed.data.tags and epochs_logged(uri, killed) == [1, 2, 3]
 
 
-def test_a_killed_driver_resumes_mid_search_and_mid_confirmation_without_gaps_or_duplicates(tmp_path):
+def test_a_killed_driver_resumes_mid_search_and_between_seeds_with_the_flags_it_started_with(tmp_path):
+    """Started with flags that change the config, killed twice, continued by the same command plus --resume."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = write_study(tmp_path, uri, study={"trials": 3, "concurrency": 2})
-    command = ["pipelines.study", "--config", str(config), "--name", "kill-driver"]
+    config = write_study(tmp_path, uri)
+    command = ["pipelines.study", "--config", str(config), "--name", "kill-driver", "--trials", "2",
+               "--set", "confirm.seeds=1", "--set", "confirm.max_seeds=2"]  # 1 seed, undecided, so a 2nd round
 
-    def killed_when(condition, what):
-        process = start(command if not Path(tmp_path / "ray" / "kill-driver").exists() else [*command, "--resume"],
-                        tmp_path)
+    def killed_when(condition, what, resume: bool):
+        process = start([*command, "--resume"] if resume else command, tmp_path)
         try:
             wait_for(condition, what=what)
             process.send_signal(signal.SIGKILL)
@@ -164,56 +172,80 @@ def test_a_killed_driver_resumes_mid_search_and_mid_confirmation_without_gaps_or
         finally:
             process.kill()
 
-    killed_when(lambda: sum(r.info.status == "FINISHED" and r.data.tags["nslab.role"] == "search"
-                            for r in runs(uri)) >= 1, "a finished search trial")
-    killed_when(lambda: any(r.data.tags["nslab.role"] == "confirm" for r in runs(uri)), "a confirmation run")
+    killed_when(lambda: any(r.info.status == "FINISHED" and r.data.tags["nslab.role"] == "search" for r in runs(uri)),
+                "a finished search trial", resume=False)
+    killed_when(lambda: any(r.info.run_name.endswith("-s2") for r in runs(uri)), "the second confirmation seed",
+                resume=True)
     code, output = finish(start([*command, "--resume"], tmp_path))
     assert code == 0, output[-3000:]
-    assert "verdict" in output
+    assert "verdict" in output and "undecided after 2 seeds" in output
     tracker = Tracker(uri, "faults")
     (parent,) = tracker.find_runs("tags.`nslab.kind` = 'study'")
-    assert parent.info.status == "FINISHED" and parent.data.metrics["study_seconds"] > 0
+    assert parent.info.status == "FINISHED" and json.loads(parent.data.tags["nslab.flags"]) == {
+        "confirm.seeds": 1, "confirm.max_seeds": 2, "study.trials": 2}
     everything = tracker.children(parent.info.run_id)
-    orphans = [c for c in everything if "nslab.orphaned" in c.data.tags]  # trials Tune lost with its driver
-    assert all(c.info.status in ("KILLED", "FINISHED") for c in orphans)
-    children = [c for c in everything if c not in orphans]
-    labels = [c.data.tags["nslab.label"] or c.data.tags["nslab.trial_id"] for c in children]
+    for run in everything:  # finished, or lost with a driver before Tune recorded it: closed and tagged
+        assert run.info.status == "FINISHED" or (run.info.status == "KILLED" and "nslab.orphaned" in run.data.tags), (
+            run.info.run_name, run.info.status, run.data.tags.get("failure_reason"))
+    children = [c for c in everything if "nslab.orphaned" not in c.data.tags]
+    labels = [c.info.run_name for c in children]
     assert len(labels) == len(set(labels)), labels  # one run per trial, none duplicated
-    roles = [c.data.tags["nslab.role"] for c in children]
-    assert (roles.count("search"), roles.count("baseline"), roles.count("confirm")) == (3, 1, 4)
+    confirms = sorted(label for label in labels if label.startswith("confirm-"))
+    assert confirms == ["confirm-baseline-s1", "confirm-baseline-s2", "confirm-sns-s1", "confirm-sns-s2"]
+    assert sorted(label for label in labels if label.startswith(("sns-", "baseline"))) == ["baseline", "sns-01",
+                                                                                             "sns-02"]
     for child in children:
-        assert child.info.status == "FINISHED", (child.info.run_name, child.data.tags.get("failure_reason"))
         if child.data.tags["nslab.role"] != "warmup":
-            assert_every_epoch_once(uri, child, 2)
+            assert epochs_logged(uri, child) == [1, 2], child.info.run_name
     table = tracker.read_table(parent.info.run_id, "study/confirmation.parquet")
-    assert table.num_rows == 4
-    trials = tracker.read_table(parent.info.run_id, "study/trials.parquet")
-    assert sorted(trials.column("number").to_pylist()) == [1, 2, 3, 4]
+    assert sorted(table.column("seed").to_pylist()) == [1, 1, 2, 2]
 
 
-def test_the_tracking_server_goes_down_mid_study_and_nothing_is_lost(tmp_path):
-    server = Server(tmp_path / "server")
+def test_an_authenticated_server_goes_down_mid_study_lets_only_its_users_in_and_nothing_is_lost(tmp_path):
+    admin = {"MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-0123"}
+    server = Server(tmp_path / "server", auth=True, **admin)
     server.start()
     try:
+        result = run_module(["pipelines.tracking_server", "--add-user", "alice", "--tracking-uri", server.uri],
+                            tmp_path, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin[
+                                "MLFLOW_AUTH_ADMIN_PASSWORD"], NSLAB_NEW_PASSWORD="alice-password-0123")
+        assert result.returncode == 0, result.stderr[-2000:]
+        alice = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "alice-password-0123",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # retries at 1, 3, 7, 15, 31, 63 s: covers the outage
         config = write_study(tmp_path, server.uri, study={"trials": 1}, confirm=None,
                              experiment={"train": {"epochs": 3}, "data": {"train_limit": 1000}})
-        study = start(["pipelines.study", "--config", str(config), "--name", "outage"], tmp_path)
+        study = start(["pipelines.study", "--config", str(config), "--name", "outage"], tmp_path, **alice)
         try:
-            wait_for(lambda: any(r.data.metrics.get("epoch", 0) >= 1 for r in runs(server.uri)),
-                     what="a logged epoch")
+            os.environ.update(alice)
+            wait_for(lambda: any(len(epochs_logged(server.uri, r)) >= 1 for r in runs(server.uri)
+                                 if r.data.tags.get("nslab.role") == "search"), what="a logged epoch")
             server.stop()
             time.sleep(12)  # trials keep training; their MLflow calls retry with backoff
             server.start()
             code, output = finish(study)
+            trials = runs(server.uri)
         finally:
             study.kill()
+            for key in alice:
+                os.environ.pop(key, None)
         assert code == 0, output[-3000:]
-        trials = runs(server.uri)
+        assert "alice-password" not in output
         roles = sorted(r.data.tags["nslab.role"] for r in trials)
         assert roles == ["baseline", "search", "warmup"] and {r.info.status for r in trials} == {"FINISHED"}
         for run in trials:
             if run.data.tags["nslab.role"] != "warmup":
-                assert_every_epoch_once(server.uri, run, 3)
+                os.environ.update(alice)
+                try:
+                    assert epochs_logged(server.uri, run) == [1, 2, 3], run.info.run_name
+                finally:
+                    for key in alice:
+                        os.environ.pop(key, None)
+        refused = run_module(["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"),
+                              "--smoke-test", "--tracking-uri", server.uri, "--runs-dir", str(tmp_path / "r")],
+                             tmp_path, timeout=120)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+        assert f"the MLflow server {server.uri} refused the request: not authenticated" in lines[0]
     finally:
         server.stop()
 
@@ -263,36 +295,3 @@ def test_unusable_paths_are_one_line_before_ray_starts(tmp_path, override, messa
     assert message.replace("{tmp}", str(tmp_path)) in lines[0]
     assert "Ray" not in result.stdout and time.time() - started < 60
     assert not any((tmp_path / "ray").rglob("*"))  # no Ray experiment was started
-
-
-def test_an_authenticated_server_lets_only_its_users_in(tmp_path):
-    admin = {"MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-0123"}
-    server = Server(tmp_path / "server", auth=True, **admin)
-    server.start()
-    try:
-        result = run_module(["pipelines.tracking_server", "--add-user", "alice", "--tracking-uri", server.uri],
-                            tmp_path, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin[
-                                "MLFLOW_AUTH_ADMIN_PASSWORD"], NSLAB_NEW_PASSWORD="alice-password-0123")
-        assert result.returncode == 0, result.stderr[-2000:]
-        alice = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "alice-password-0123"}
-        # one trial in Ray workers (no baseline, so no warm-up phase): the credentials must reach the workers
-        config = write_study(tmp_path, server.uri, study={"trials": 1}, confirm=None, baseline=None)
-        study = start(["pipelines.study", "--config", str(config), "--name", "auth"], tmp_path, **alice)
-        code, output = finish(study)
-        assert code == 0, output[-3000:]
-        assert "alice-password" not in output
-        os.environ.update(alice)
-        try:
-            trials = runs(server.uri)
-        finally:
-            for key in alice:
-                os.environ.pop(key)
-        assert len(trials) == 1 and trials[0].info.status == "FINISHED"
-        refused = run_module(["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"),
-                              "--smoke-test", "--tracking-uri", server.uri, "--runs-dir", str(tmp_path / "r")],
-                             tmp_path, timeout=120)
-        lines = refused.stderr.strip().splitlines()
-        assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
-        assert f"the MLflow server {server.uri} refused the request: not authenticated" in lines[0]
-    finally:
-        server.stop()

@@ -78,7 +78,7 @@ def test_patch_rejects_values_of_the_wrong_shape_and_unknown_layers():
 
 
 @pytest.fixture(scope="module")
-def trained(make_experiment_module):
+def patched_setup(make_experiment_module):
     """A standard LeNet-5 after one epoch on the 3,500 digits (~90% clean), 256 test digits and their PGD twins."""
     experiment = make_experiment_module("standard", epochs=1, train_limit=None, **{"train.lr": 3e-3})
     data = load_data(experiment)
@@ -93,8 +93,8 @@ def trained(make_experiment_module):
     return model, x, x_adv, y, smap
 
 
-def test_patching_every_neuron_of_a_layer_gives_the_benign_forward(trained):
-    model, x, x_adv, y, smap = trained
+def test_patching_every_neuron_of_a_layer_gives_the_benign_forward(patched_setup):
+    model, x, x_adv, y, smap = patched_setup
     for layer in model.default_layers:
         with torch.no_grad(), ActivationCapture(model, [layer]) as capture:
             benign_logits = model(x)
@@ -109,8 +109,8 @@ def test_patching_every_neuron_of_a_layer_gives_the_benign_forward(trained):
     assert all(r["accuracy"] == r["clean_accuracy"] and r["recovered"] == 1.0 for r in rows)
 
 
-def test_stabilize_draws_are_seeded_and_sensitive_is_the_top_k(trained):
-    model, x, x_adv, y, smap = trained
+def test_stabilize_draws_are_seeded_and_sensitive_is_the_top_k(patched_setup):
+    model, x, x_adv, y, smap = patched_setup
     run = lambda seed: stabilize_curve(model, x, x_adv, y, "relu3", [0.1, 0.5], smap, random_draws=3,  # noqa: E731
                                        generator=torch.Generator().manual_seed(seed))
     first, again, other = run(0), run(0), run(1)
@@ -128,8 +128,8 @@ def test_stabilize_draws_are_seeded_and_sensitive_is_the_top_k(trained):
             assert bool(alive[index].all())
 
 
-def test_compare_ranks_a_model_with_halved_activations_lower_in_absolute_terms_only(trained):
-    model, x, _, y, _ = trained
+def test_compare_ranks_a_model_with_halved_activations_lower_in_absolute_terms_only(patched_setup):
+    model, x, _, y, _ = patched_setup
     scaled = copy.deepcopy(model)
     with torch.no_grad():  # relu2 outputs halve (ReLU and max pooling are positively homogeneous) ...
         scaled.conv2.weight.mul_(0.5)

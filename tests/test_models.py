@@ -1,15 +1,22 @@
-"""Model registry contract: shapes, normalization inside, default layers that hooks can read and train through."""
+"""Model registry contract: shapes, normalization inside, default layers that hooks can read and train through;
+classifiers nslab did not write (torchvision's, a user's without default_layers) and the layers it proposes."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import logging
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
-from ns_core.models import Normalize, create_model, model_names
+from ns_core.adapters import NormalizedClassifier
+from ns_core.attacks import Attack
+from ns_core.models import Normalize, create_model, model_names, studied_layers
+from ns_core.objectives import create_objective
+from ns_core.sensitivity import measure_sensitivity
 
 NUM_CLASSES = 7  # not 10, so a hard-coded classifier width fails
 MNIST_LIKE = {"lenet5", "small_cnn"}
@@ -61,6 +68,7 @@ def test_default_layers_exist_and_exclude_the_logits(name: str) -> None:
     for layer in model.default_layers:
         assert layer in modules, f"{layer!r} not in named_modules()"
         assert modules[layer] is not logits_layer(model) and not isinstance(modules[layer], nn.Linear)
+    assert studied_layers(model) == model.default_layers  # checked (each runs once), not replaced
 
 
 @pytest.mark.parametrize("name", model_names())
@@ -127,3 +135,137 @@ def test_unknown_model_and_bad_shape_raise() -> None:
         create_model("lenet", (1, 28, 28), 10)
     with pytest.raises(ValueError, match="input_shape"):
         create_model("lenet5", (28, 28), 10)
+
+
+# ---- classifiers nslab did not write, and the layers it studies in them --------------------------------------
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Any attempt of torchvision to fetch weights fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("nslab asked torchvision for pretrained weights")
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", refuse)
+
+
+def one_line_error(call, match: str) -> str:
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)], ids=["mnist", "cifar"])
+def test_torchvision_resnet18_is_adapted_and_trains_through_proposed_layers(shape, no_downloads, caplog):
+    torch.manual_seed(0)
+    model = create_model("torchvision.models:resnet18", shape, 10)
+    assert isinstance(model, NormalizedClassifier) and list(dict(model.named_children())) == ["normalize", "net"]
+    assert isinstance(model.normalize, Normalize) and model.normalize.mean.shape == (1, shape[0], 1, 1)
+    stem = model.net.conv1  # the CIFAR stem: C input channels, 3x3 at stride 1, no max-pool
+    assert (stem.in_channels, stem.kernel_size, stem.stride, stem.padding) == (shape[0], (3, 3), (1, 1), (1, 1))
+    assert isinstance(model.net.maxpool, nn.Identity)
+    assert not [name for name, m in model.named_modules() if getattr(m, "inplace", False)]
+    x = inputs(shape).repeat(2, 1, 1, 1)  # (4, C, H, W)
+    y = torch.tensor([0, 3, 7, 9])
+    assert model(x).shape == (4, 10)
+
+    with caplog.at_level(logging.INFO, logger="ns_core"):
+        layers = studied_layers(model)
+        assert studied_layers(model) == layers  # the same, and logged once per model
+    assert layers == ["net.layer1", "net.layer2", "net.layer3", "net.layer4"]
+    messages = [r.getMessage() for r in caplog.records if "net.layer1" in r.getMessage()]
+    assert len(messages) == 1 and "\n" not in messages[0] and "ResNet" in messages[0]
+    assert create_objective("pgd_at", attack=None).watched_layers(model) == layers
+
+    # one SNS step on the proposed layers: select on a probe, PGD example, loss through the hooked activations
+    sns = create_objective("sns", attack=Attack("pgd", 0.1, steps=2), warmup_epochs=0, lam=1.0, fraction=0.5)
+    sns.on_epoch_start(model, 0, (x, y), torch.Generator().manual_seed(0))
+    assert sns.regularizer_active and list(sns.selected_neurons()) == layers
+    model.train()
+    x_adv = sns.craft(model, x, y, torch.Generator().manual_seed(0))
+    assert 0 < (x_adv - x).abs().max() <= 0.1 + 1e-6
+    loss, parts = sns.loss(model, x, y, x_adv)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.net.fc.weight.detach().clone()
+    optimizer.zero_grad()
+    loss.backward()  # through the hooked block outputs into every layer
+    optimizer.step()
+    assert torch.isfinite(loss) and parts["sns_reg"] > 0 and not torch.equal(before, model.net.fc.weight)
+    smap = measure_sensitivity(model, [(x, x_adv)], layers)
+    assert smap.layers == layers and all(torch.isfinite(s).all() and s.numel() > 0 for s in smap.absolute.values())
+
+    # torchvision's BasicBlock applies one ReLU twice: refused, pointing at the block around it
+    one_line_error(lambda: studied_layers(model, ["net.layer1.0.relu"]),
+                   "'net.layer1.0.relu' runs 2 times per forward.*'net.layer1.0'")
+
+
+@pytest.mark.parametrize(("name", "shape", "count"), [("mobilenet_v2", (3, 32, 32), 35), ("vgg11_bn", (1, 28, 28), 10)],
+                         ids=["mobilenet_v2", "vgg11_bn"])
+def test_other_torchvision_classifiers_build_and_propose_their_activations(name, shape, count, no_downloads):
+    torch.manual_seed(0)
+    model = create_model(f"torchvision.models:{name}", shape, 10)  # vgg11_bn: 28x28 needs the stem pool gone
+    assert not [n for n, m in model.named_modules() if getattr(m, "inplace", False)]
+    layers = studied_layers(model)  # no residual blocks: every ReLU/ReLU6 module, each used once
+    modules = dict(model.named_modules())
+    assert len(layers) == count and all(isinstance(modules[layer], (nn.ReLU, nn.ReLU6)) for layer in layers)
+    calls: dict[str, int] = dict.fromkeys(layers, 0)
+    handles = [modules[layer].register_forward_hook(lambda m, a, o, k=layer: calls.update({k: calls[k] + 1}))
+               for layer in layers]
+    with torch.no_grad():
+        logits = model.eval()(inputs(shape))
+    for handle in handles:
+        handle.remove()
+    assert logits.shape == (2, 10) and set(calls.values()) == {1}
+
+
+def test_a_factory_that_takes_only_num_classes_is_adapted():
+    model = create_model("user_models:classes_only_cnn", (1, 28, 28), 5)
+    assert isinstance(model, NormalizedClassifier)
+    assert (model.net[0].in_channels, model.net[0].kernel_size, model.net[0].stride) == (1, (3, 3), (1, 1))
+    assert isinstance(model.net[3], nn.Identity) and not model.net[2].inplace
+    assert studied_layers(model) == ["net.2", "net.5"]
+
+
+def test_a_user_model_without_default_layers_gets_proposed_or_given_layers(caplog):
+    model = create_model("user_models:tiny_cnn_no_layers", (1, 8, 8), 3)
+    assert not hasattr(model, "default_layers")
+    with caplog.at_level(logging.WARNING, logger="ns_core"):
+        assert studied_layers(model) == ["act1", "act2", "act3"]  # not `out`, the sigmoid after the logits
+    assert any("act1" in r.getMessage() and "TinyCNN" in r.getMessage() for r in caplog.records)
+    assert studied_layers(model, ["act2"]) == ["act2"]
+    sns = create_objective("sns", attack=None, layers=["act3"])
+    assert sns.watched_layers(model) == ["act3"]
+    assert create_objective("sns", attack=None).watched_layers(model) == ["act1", "act2", "act3"]
+
+
+def test_a_shared_activation_is_never_proposed_and_refused_when_given():
+    model = create_model("user_models:shared_relu_cnn", (1, 6, 6), 3)
+    assert studied_layers(model) == ["act_fc"]
+    one_line_error(lambda: studied_layers(model, ["relu"]), "layer 'relu' runs 2 times per forward.*mix")
+    one_line_error(lambda: studied_layers(model, ["act_fc", "relu"]), "'relu' runs 2 times")
+
+
+def test_unknown_layer_names_are_one_line_with_the_closest_name():
+    model = built("lenet5", (1, 28, 28))
+    one_line_error(lambda: studied_layers(model, ["relu_3"]), "unknown layer 'relu_3' \\(did you mean 'relu3'\\?\\)")
+    tv = create_model("torchvision.models:resnet18", (3, 32, 32), 10)
+    one_line_error(lambda: studied_layers(tv, ["net.layr2"]), "did you mean 'net.layer2'")
+
+
+def test_proposal_matches_the_hand_chosen_layers_of_the_builtins():
+    for name in ("lenet5", "small_cnn", "resnet18", "preact_resnet18"):
+        model = copy.deepcopy(built(name, small_shape(name)))
+        expected = list(model.default_layers)
+        del model.default_layers
+        assert studied_layers(model) == expected, name
+
+
+def test_a_factory_returning_the_wrong_shape_is_one_line():
+    one_line_error(lambda: create_model("user_models:wrong_logits", (1, 4, 4), 3),
+                   "'user_models:wrong_logits' returned \\(2, 4\\).*\\(batch, num_classes\\) = \\(2, 3\\)")
+
+
+def test_a_factory_with_neither_contract_is_one_line():
+    message = one_line_error(lambda: create_model("user_models:no_contract", (1, 4, 4), 3),
+                             "must take \\(input_shape, num_classes\\).*or num_classes alone")
+    assert "(depth, width)" in message

@@ -11,39 +11,51 @@ from conftest import REPO, run_module
 from ns_core.evaluation import CHECK_SCHEMA
 from ns_core.evaluation import SCHEMA as EVAL_SCHEMA
 from orchestrator.tracking import Tracker
-from pipelines import analyze, cli, evaluate, study, train
+from pipelines import _common, analyze, cli, evaluate, study, tracking_server, train
 
 
-@pytest.mark.parametrize("module", [study, train, evaluate, analyze])
+@pytest.mark.parametrize("module", [study, train, evaluate, analyze, tracking_server])
 def test_help(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "python -m pipelines." in out
-    if module is not analyze:
+    assert out.startswith(f"usage: python -m {module.__name__}")
+    if module not in (analyze, tracking_server):
         assert "--dry-run" in out and "--smoke-test" in out
 
 
-def test_cli_lists_subcommands_and_forwards(capsys):
-    assert cli.main([]) == 0
-    out = capsys.readouterr().out
-    assert all(name in out for name in ("study", "train", "evaluate", "analyze", "demo"))
-    assert cli.main(["nope"]) == 2
+@pytest.mark.parametrize("command", ["study", "train", "evaluate", "analyze", "tracking-server"])
+def test_nslab_subcommands_print_their_own_usage(command, capsys, monkeypatch):
+    monkeypatch.setattr(_common, "THROUGH_NSLAB", False)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: nslab {command}")
+
+
+def test_nslab_without_a_subcommand_prints_help_and_exits_2_and_knows_its_version(capsys, monkeypatch):
+    monkeypatch.setattr(_common, "THROUGH_NSLAB", False)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in ("study", "train", "evaluate", "analyze", "tracking-server", "demo"))
+    assert cli.main(["--help"]) == 0 and "tracking-server" in capsys.readouterr().out
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"nslab {cli.nslab_version()}" and cli.nslab_version()[0].isdigit()
+    assert cli.main(["nope"]) == 2 and "unknown subcommand 'nope'" in capsys.readouterr().err
     assert cli.main(["demo", "--dry-run"]) == 0
     assert "name: quick" in capsys.readouterr().out
 
 
-def test_dry_runs_validate_and_print_settings(capsys, tmp_path, trained):
+def test_dry_runs_validate_and_print_settings(capsys, tmp_path, checkpoint):
     assert study.main(["--config", str(REPO / "configs/study/quick.yaml"), "--dry-run", "--smoke-test"]) == 0
     out = capsys.readouterr().out
-    assert "trials: 2" in out and "dry run" in out and "the baseline (pgd_at)" in out and "seeds [1, 2]" in out
+    assert "trials: 2" in out and "dry run" in out and "an untuned PGD-AT baseline; SNS, tuned over 2 trials" in out
+    assert "confirmation on seeds [1, 2], up to 2 seeds until decided" in out
     assert train.main(["--config", str(REPO / "configs/experiment/quick.yaml"), "--dry-run",
                        "--set", "sns.lambda=0.3", "--runs-dir", str(tmp_path)]) == 0
     assert "lam: 0.3" in capsys.readouterr().out
     assert evaluate.main(["--smoke-test", "--dry-run", "--attacks", "pgd:8/255:10:linf:2"]) == 0
     assert "pgd-linf-eps0.0313725-s3-r2" in capsys.readouterr().out  # 8/255, steps capped at 3
-    _, checkpoint = trained["pgd_at"]
     assert evaluate.main(["--checkpoint", str(checkpoint), "--dry-run", "--attacks", "autoattack:0.15"]) == 0
     out = capsys.readouterr().out
     assert "nslab checkpoint v2: lenet5 (pgd_at) on mnist5k" in out and "autoattack-linf-eps0.15" in out
@@ -62,15 +74,16 @@ def test_dry_runs_validate_and_print_settings(capsys, tmp_path, trained):
     (["--checkpoint", "{ckpt}", "--examples", "0"], "argument --examples: must be >= 1, got 0"),
     (["--checkpoint", "{ckpt}", "--data-root", "{tmp}", "--set", "x"], "unrecognized arguments: --set x"),
 ])
-def test_bad_input_to_evaluate_is_one_line_and_never_suggests_unsafe_loading(args, message, tmp_path, trained, capsys):
+def test_bad_input_to_evaluate_is_one_line_and_never_suggests_unsafe_loading(args, message, tmp_path, checkpoint,
+                                                                              capsys):
     import torch
 
     (tmp_path / "text.pt").write_text("not a checkpoint")
-    (tmp_path / "cut.pt").write_bytes(trained["pgd_at"][1].read_bytes()[:30000])
+    (tmp_path / "cut.pt").write_bytes(checkpoint.read_bytes()[:30000])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
-    state = torch.load(trained["pgd_at"][1], weights_only=True)
+    state = torch.load(checkpoint, weights_only=True)
     torch.save({**state, "version": 99}, tmp_path / "newer.pt")
-    argv = [a.format(tmp=tmp_path, ckpt=trained["pgd_at"][1]) for a in args]
+    argv = [a.format(tmp=tmp_path, ckpt=checkpoint) for a in args]
     argv += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     assert _exit_code(evaluate.main, argv) == 2
     err = capsys.readouterr().err
@@ -162,7 +175,8 @@ def test_a_model_defined_outside_nslab_trains_is_studied_and_is_evaluated(tmp_pa
         "tracking": {"uri": uri, "experiment": "mine"}, "storage": {"ray": str(tmp_path / "ray")}}))
     result = run_module(["pipelines.study", "--config", str(config), "--name", "mine"], cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    runs = Tracker(uri, "mine").find_runs("tags.`nslab.kind` = 'trial'")
-    assert len(runs) == 3 and all(r.data.params["model"] == "user_models:tiny_mlp" for r in runs
-                                  if r.data.tags["nslab.role"] != "warmup")
+    tracker = Tracker(uri, "mine")
+    runs = tracker.find_runs("tags.`nslab.kind` = 'trial'")
+    (parent,) = tracker.find_runs("tags.`nslab.kind` = 'study'")
+    assert len(runs) == 3 and parent.data.params["experiment.model"] == "user_models:tiny_mlp"
     assert all(r.info.status == "FINISHED" for r in runs)
