@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench lint ui fashion-mnist clean
+.PHONY: setup demo test test-fast bench lint ui screenshots fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ demo: setup
 	$(PY) -m pipelines.study --config configs/study/quick.yaml
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=15
+
+# The edit loop: no Ray, no subprocess, no training beyond a few steps (a test that starts one fails there).
+test-fast: setup
+	NSLAB_TEST_TIER=fast $(PY) -m pytest -q -m "not slow" tests --durations=5
 
 bench: setup
 	$(PY) -m bench
@@ -31,6 +35,12 @@ lint: setup
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+# The MLflow UI of the newest demo study in a real headless Chromium (Debian's), as PNGs under shots/.
+screenshots: setup
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(PY) -m pip install -q -e '.[ui]'
+	$(PY) tools/mlflow_screenshots.py --tracking-uri sqlite:///$(CURDIR)/mlflow.db --experiment nslab-quick --out shots
 
 # Full Fashion-MNIST (70k images, MIT) from Debian; ns_core.data unpacks it on first use.
 fashion-mnist:

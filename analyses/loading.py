@@ -1,7 +1,9 @@
-"""Loading the checkpoints an analysis compares: models, their metadata, their data and their attack.
+"""Loading the models an analysis studies: nslab checkpoints, or any model's plain state_dict; their metadata,
+their data and their attack.
 
     models = load_checkpoints(["runs/analysis/.../standard-seed0.pt", ".../pgd_at-seed0.pt"])
     same_data(models); data = dataset_of(models[0], data_root=None)
+    model = load_external("torchvision.models:resnet18", "weights.pt", "cifar10", eps=8 / 255)
 
 Labels default to the training method (plus the seed when methods repeat). Every problem with a file is
 one line (ns_core.checkpoint.CheckpointError), before anything is attacked.
@@ -16,9 +18,10 @@ from pathlib import Path
 from torch import nn
 
 from ns_core.attacks import Attack
-from ns_core.checkpoint import load_model
+from ns_core.checkpoint import load_model, load_weights
 from ns_core.data import DatasetSplits
-from ns_core.sensitivity import resolve_layers
+from ns_core.models import create_model, studied_layers
+from ns_core.utils import pick_device
 from orchestrator.config import apply_overrides, validate
 from orchestrator.experiment_config import ExperimentConfig
 from orchestrator.run import load_data
@@ -38,6 +41,9 @@ class Loaded:
     def attack(self, eps: float | None = None, steps: int = 10) -> Attack:
         """PGD-`steps` at `eps` (default: the checkpoint's training eps) in its training norm."""
         trained = self.experiment.attack
+        if eps is None and self.metadata.get("external"):
+            raise ValueError(f"{self.path} was not trained by nslab, so its threat model is unknown: pass --eps "
+                             "(e.g. 8/255 for CIFAR-10, 0.3 for MNIST)")
         return Attack("pgd", trained.eps if eps is None else eps, norm=trained.norm, steps=steps)
 
 
@@ -87,10 +93,28 @@ def dataset_of(item: Loaded, data_root: str | None) -> DatasetSplits:
 
 
 def check_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
-    """The layers to analyze (default: the model's default_layers); unknown names raise listing the valid."""
-    layers = list(layers or model.default_layers)
-    resolve_layers(model, layers)
-    return layers
+    """The layers to analyze: those given, else the model's default_layers, else proposed by nslab; unknown
+    names, or modules that run more than once per forward, are one-line errors (ns_core.models.studied_layers)."""
+    return studied_layers(model, list(layers) if layers else None)
+
+
+def load_external(model: str, state_dict: str | Path, dataset: str, data_root: str | None = None,
+                  device: str = "auto", eps: float | None = None, label: str | None = None) -> Loaded:
+    """A model nslab did not train: its factory (a registered name or an import path, built for `dataset`'s
+    inputs and classes; ns_core/adapters.py) with the weights of a plain state_dict file (weights_only=True).
+    Its metadata is what an nslab checkpoint would carry, with the training attack unknown: `eps` names the
+    threat model the analysis attacks at."""
+    experiment = validate(ExperimentConfig, {"name": "external", "dataset": dataset, "model": model,
+                                             "method": "standard", "data": {"root": data_root},
+                                             "attack": {"name": "pgd", "eps": eps if eps is not None else 0.0}},
+                          source=f"--model {model} --dataset {dataset}")
+    data = load_data(experiment)
+    network = create_model(model, input_shape=data.input_shape, num_classes=data.num_classes)
+    path = Path(state_dict).expanduser().resolve()
+    network = load_weights(network, path, pick_device(device))
+    metadata = {"model": model, "dataset": dataset, "method": "external", "input_shape": list(data.input_shape),
+                "num_classes": data.num_classes, "config": experiment.model_dump(mode="json"), "external": True}
+    return Loaded(label or path.stem, path, network, metadata)
 
 
 def subtitle(item: Loaded, attack: Attack, n: int, extra: str = "") -> str:

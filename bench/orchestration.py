@@ -36,6 +36,7 @@ def workload(ctx: Context) -> dict:
     train_limit, epochs = ctx.pick((256, 1), (2000, 2), (None, 6))
     steps = ctx.pick(2, 10, 10)
     return {"data.train_limit": train_limit, "train.epochs": epochs, "sns.warmup_epochs": min(1, epochs - 1),
+            "sns.warmup_share": None, "train.eps_ramp_epochs": 0,
             "data.val_size": ctx.pick(64, 200, 200), "train.val_attack": {"name": "pgd", "eps": 0.2, "steps": steps},
             "train.probe_size": 128, "data.test_limit": 500, "attack.steps": steps,
             "train.device": "cpu" if not ctx.cuda else "auto"}

@@ -35,12 +35,14 @@ def make_study(ctx: Context, root: Path, share: bool, trials: int):
     study.experiment = apply_overrides(study.experiment, {
         "data.train_limit": ctx.pick(256, 1000, None), "data.val_size": ctx.pick(64, 200, 500),
         "train.epochs": epochs, "attack.steps": steps, "train.val_attack": {"name": "pgd", "eps": 0.2, "steps": steps},
+        "train.eps_ramp_epochs": 0, "sns.warmup_share": None,
         "train.device": "auto" if ctx.cuda else "cpu"})
     study.search_space = {"sns.lam": study.search_space["sns.lam"], "sns.fraction": study.search_space["sns.fraction"],
                           "sns.warmup_epochs": ParamSpec(type="int", low=1, high=min(3, epochs - 1))}
     study.study.points_to_evaluate = [{"sns.lam": lam, "sns.fraction": f, "sns.warmup_epochs": min(w, epochs - 1)}
                                       for lam, f, w in POINTS[:trials]]
     study.study.trials, study.study.concurrency, study.study.share_warmup = trials, 2, share
+    study.study.scheduler = "none"
     study.study.resources.gpu = 0.5 if ctx.cuda else 0
     study.confirm = None
     study.tracking.uri, study.tracking.experiment = f"sqlite:///{root / 'mlflow.db'}", "nslab-bench"

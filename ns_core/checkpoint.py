@@ -136,6 +136,43 @@ def load_model(path: str | Path, device: str = "auto", fallback: bool = False) -
     return model.to(target).eval(), meta
 
 
+def load_weights(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Load a plain state_dict file that nslab did not write (`torch.save(model.state_dict(), path)`, read with
+    weights_only=True) into `model`; a {"state_dict": ...} / {"model": ...} wrapper and DataParallel's `module.`
+    prefixes are taken off, and a model nslab adapted (ns_core/adapters.py) takes the weights of the network it
+    wraps. Anything that does not fit is a one-line CheckpointError naming the first mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"state_dict {path} {'is a directory' if path.is_dir() else 'does not exist'}; pass "
+                              "the file torch.save(model.state_dict(), ...) wrote")
+    try:
+        weights = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, IndexError, KeyError,
+            ValueError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"state_dict {path} cannot be read: {_reason(path, err)}") from None
+    if isinstance(weights, dict) and weights.get("format") == FORMAT:
+        weights = weights["model"]  # an nslab checkpoint is fine too
+    while isinstance(weights, dict) and len(weights) <= 3 and any(k in weights for k in ("state_dict", "model")):
+        weights = weights.get("state_dict", weights.get("model"))
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    targets = [model, *([model.net] if isinstance(getattr(model, "net", None), nn.Module) else [])]
+    target = min(targets, key=lambda m: sum(len(x) for x in _state_mismatch(m, weights)))
+    missing, unexpected = _state_mismatch(target, weights)
+    if missing or unexpected:
+        raise CheckpointError(f"state_dict {path} does not fit the model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}); was it saved from this architecture?")
+    try:
+        target.load_state_dict(weights)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        why = lines[0] if lines else str(err).splitlines()[0]
+        raise CheckpointError(f"state_dict {path} does not fit the model ({why}); nslab adapts a torchvision stem "
+                              "for inputs under 64 pixels (ns_core/adapters.py)") from None
+    return model.to(device).eval()
+
+
 def _state_mismatch(model: nn.Module, weights: dict[str, Any]) -> tuple[list[str], list[str]]:
     expected = set(model.state_dict())
     return sorted(expected - set(weights)), sorted(set(weights) - expected)

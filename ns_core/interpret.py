@@ -15,7 +15,7 @@ Claim 1, adversarial training lowers neuron sensitivity: `compare_models` measur
 the same benign inputs, each attacked by its own attack run (and, optionally, all by one shared source
 model's, which fixes the input perturbation), and summarizes each layer's distribution in both
 the absolute and the relative variant: a model that merely scales its activations down looks less
-sensitive in absolute terms only (DESIGN.md, "low sensitivity is not robustness").
+sensitive in absolute terms only (docs/design.md, "Low sensitivity is not robustness").
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 MODELS = Registry("model", import_paths=True)
 INPUT_SHAPE_ATTR = "nslab_input_shape"  # set by create_model: the (C, H, W) a dummy forward may use
 _PROPOSED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], list[str]]] = weakref.WeakKeyDictionary()
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, set[tuple]] = weakref.WeakKeyDictionary()  # layers found to run once
 
 MNIST_MEAN_STD = ((0.1307,), (0.3081,))
 CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -146,8 +147,10 @@ def studied_layers(model: nn.Module, layers: Sequence[str] | None = None, *,
     names = list(dict.fromkeys(layers or getattr(model, "default_layers", None) or []))
     if names:
         resolve_layers(model, names)
-        if shape is not None:
+        checked = _CHECKED.setdefault(model, set())
+        if shape is not None and (tuple(shape), tuple(names)) not in checked:  # once per model and layers: a forward
             _check_run_once(model, names, tuple(shape))
+            checked.add((tuple(shape), tuple(names)))
         return names
     if shape is None:
         raise ValueError(f"{type(model).__name__} has no default_layers and no layers were given; name them in "
@@ -157,7 +160,7 @@ def studied_layers(model: nn.Module, layers: Sequence[str] | None = None, *,
     if cached is None or cached[0] != tuple(shape):
         proposed, reason = propose_layers(model, tuple(shape))
         described = type(model.net if isinstance(model, NormalizedClassifier) else model).__name__
-        log.warning("%s has no default_layers and no layers were given; %s", described, reason)
+        log.info("%s has no default_layers and no layers were given; %s", described, reason)
         cached = _PROPOSED[model] = (tuple(shape), proposed)
     return list(cached[1])
 

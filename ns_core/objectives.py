@@ -18,7 +18,7 @@ running statistics untouched, so SNS and its base differ only by the regularizer
 statistics, and so their eval-mode models, see the same batches). S_l is re-selected every
 `reselect_every` epochs on a fixed probe subset (`on_epoch_start`). SNS starts after `warmup_epochs` of
 the plain base loss: from epoch 1 the regularizer's trivial minimum (features that ignore the input)
-swallows the network (DESIGN.md, "Collapse").
+swallows the network (docs/design.md, "Collapse").
 """
 
 from __future__ import annotations

@@ -54,6 +54,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     target = address or os.environ.get("RAY_ADDRESS")
     if not target:  # read when ray is first imported
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray starts workers at nice 15: any busy process at the usual priority (a browser, an editor, pytest)
+        # then starves the trials, which do all the work of a local study, until Tune waits on them for minutes
+        os.environ.setdefault("RAY_worker_niceness", "0")
     # experiment state is snapshotted at most this often (Tune's default waits >= 10 s, so a killed driver
     # would resume trials from older checkpoints than they had)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")

@@ -33,7 +33,7 @@ from torch import nn
 from ns_core.attacks import Attack
 from ns_core.data import DatasetSplits, load_dataset
 from ns_core.evaluation import RobustnessReport, evaluate_robustness
-from ns_core.models import create_model
+from ns_core.models import create_model, studied_layers
 from ns_core.sensitivity import SensitivityMap, measure_sensitivity
 from ns_core.training import Trainer
 from ns_core.utils import make_generator, seed_everything
@@ -64,6 +64,34 @@ def load_data(config: ExperimentConfig) -> DatasetSplits:
 def _load_data(name, root, download, val_size, data_seed, train_limit, test_limit) -> DatasetSplits:
     return load_dataset(name, root=root, download=download, val_size=val_size, data_seed=data_seed,
                         train_limit=train_limit, test_limit=test_limit)
+
+
+@dataclass
+class Preflight:
+    """What a run will use, found before it starts: its data, and the layers it studies (proposed or given)."""
+
+    data: DatasetSplits
+    layers: list[str]
+    proposed: bool
+
+    def describe(self) -> str:
+        how = "proposed by nslab (set sns.layers to choose)" if self.proposed else "given"
+        return (f"data {len(self.data.train)} train / {len(self.data.val)} validation / {len(self.data.test)} test, "
+                f"input {tuple(self.data.input_shape)}, {self.data.num_classes} classes; layers {self.layers} ({how})")
+
+
+def preflight(config: ExperimentConfig) -> Preflight:
+    """Everything that can fail before a run starts, each a one-line error before any MLflow run exists: the
+    dataset files, the model factory (built and run on a dummy batch), and the layers the objective watches and
+    feature_pgd attacks (they exist and run once per forward; proposed when the config and model name none)."""
+    data = load_data(config)
+    model = create_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    layers = config.objective().watched_layers(model)
+    for attack in config.eval.attacks or []:
+        if attack.layers:
+            studied_layers(model, list(attack.layers))
+    given = (config.method == "sns" and config.sns.layers) or getattr(model, "default_layers", None)
+    return Preflight(data, list(layers), not given)
 
 
 def build_trainer(config: ExperimentConfig, data: DatasetSplits | None = None) -> Trainer:

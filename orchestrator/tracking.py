@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,12 +61,27 @@ def absolute_uri(uri: str, base: Path) -> str:
 
 
 def git_commit(directory: str | Path | None = None) -> str:
-    """The checkout's HEAD commit, or "unknown" outside git (e.g. a Ray job's working_dir copy)."""
+    """The checkout's HEAD commit, read from .git without running git (a loose or packed ref, or a detached
+    HEAD); $NSLAB_GIT_COMMIT, else "unknown", outside git (e.g. a Ray job's working_dir copy)."""
+    start = Path(directory or Path(__file__).parent).resolve()
+    git = next((p / ".git" for p in (start, *start.parents) if (p / ".git").exists()), None)
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory or Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+        if git is None:
+            raise OSError("not in a git checkout")
+        if git.is_file():  # a worktree or submodule: "gitdir: <path>"
+            git = (git.parent / git.read_text().split(":", 1)[1].strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head.removeprefix("ref: ")
+        loose = git / ref
+        if loose.is_file():
+            return loose.read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(f" {ref}"):
+                return line.split()[0]
+        raise OSError(f"{ref} not found")
+    except OSError:
         return os.environ.get("NSLAB_GIT_COMMIT", "unknown")
 
 

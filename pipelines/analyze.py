@@ -3,6 +3,8 @@
     python -m pipelines.analyze methods --config configs/analysis/methods_quick.yaml       # claim 3
     python -m pipelines.analyze compare --checkpoints A.pt B.pt C.pt [--shared-source S.pt]  # claim 1
     python -m pipelines.analyze stabilize --checkpoint A.pt [B.pt] [--layer relu3] [--draws 5]  # claim 2
+    python -m pipelines.analyze sensitivity --model torchvision.models:resnet18 --state-dict w.pt \\
+        --dataset cifar10 --eps 8/255                                                  # any trained model
     python -m pipelines.analyze study --name quick-20260101-120000 --study-experiment nslab-quick
 
 `methods` trains standard / PGD-AT / TRADES / SNS over several seeds as Ray Tune trials (resumable: run the
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +30,7 @@ from analyses.loading import check_layers, load_checkpoints, same_data
 from analyses.report import ReportWriter
 from analyses.stabilize import StabilizeOptions, stabilize_report
 from orchestrator.results import Status
-from orchestrator.tracking import Tracker, absolute_uri, default_tracking_uri
+from orchestrator.tracking import Tracker, resolve_tracking_uri
 from pipelines._common import (
     Parser,
     Timer,
@@ -48,7 +49,8 @@ SMOKE_FRACTIONS = [0.1, 0.5, 1.0]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser("analyze", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{methods,compare,stabilize,study}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{methods,compare,stabilize,sensitivity,study}")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest="checkpoints", nargs="+", metavar="PT",
                        help="nslab checkpoints (.pt) of one dataset (--smoke-test trains two tiny ones if omitted)")
         p.add_argument("--labels", nargs="+", help="one name per checkpoint (default: the training method)")
-        p.add_argument("--eps", type=float, help="PGD Linf eps (default: each checkpoint's training eps)")
+        p.add_argument("--eps", type=eps_value,
+                       help="PGD eps, e.g. 0.3 or 8/255 (default: each checkpoint's training eps)")
         p.add_argument("--steps", type=positive_int, default=10, help="PGD steps (default 10)")
         p.add_argument("--examples", type=positive_int, default=1000, help="test images (default 1000)")
         p.add_argument("--data-root", help="dataset directory (default: the checkpoint's, $NSLAB_DATA, ...)")
@@ -88,6 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
     stabilize.add_argument("--draws", type=positive_int, default=5, help="random draws per fraction (default 5)")
     stabilize.add_argument("--probe", type=positive_int, default=1000, help="training images that rank the neurons")
 
+    p = command("sensitivity", "Any trained model (an nslab checkpoint, or a factory + a plain state_dict): "
+                               "per-layer neuron sensitivity, the most sensitive neurons, cascaded robust accuracy "
+                               "with the gradient-masking checks.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="an nslab checkpoint (.pt)")
+    source.add_argument("--state-dict", metavar="PT", help="a plain state_dict file (torch.save(model.state_dict())), "
+                                                            "read with weights_only=True; needs --model and --dataset")
+    p.add_argument("--model", help="the state_dict's model: a registered name or an import path "
+                                   "(mypkg.nets:build_net, torchvision.models:resnet18; docs/studies.md)")
+    p.add_argument("--dataset", help="the data it was trained on (mnist5k, cifar10, ... or an import path)")
+    p.add_argument("--eps", type=eps_value, help="the threat model's eps, e.g. 0.3 or 8/255 (default: a "
+                                                 "checkpoint's training eps; a state_dict must name it)")
+    p.add_argument("--steps", type=positive_int, default=10, help="PGD steps of the sensitivity pairs (default 10)")
+    p.add_argument("--attacks", nargs="+", metavar="NAME:EPS[:STEPS[:NORM[:RESTARTS]]]",
+                   help="the robust-accuracy suite, cascaded (default: fgsm, pgd-20 and apgd_ce at --eps)")
+    p.add_argument("--layers", nargs="+", help="layer paths (default: the model's, else proposed by nslab)")
+    p.add_argument("--top", type=positive_int, default=10, help="most sensitive neurons listed per layer (default 10)")
+    p.add_argument("--examples", type=positive_int, default=1000, help="test images (default 1000)")
+    p.add_argument("--data-root", help="dataset directory")
+    p.add_argument("--device", default="auto", help="auto (CUDA when visible) | cpu | cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
+    p.add_argument("--label", help="a name for the model in the report (default: the file's stem)")
+
     p = command("study", "A finished study: robust accuracy vs sensitivity, best/worst maps, Pareto front.")
     p.add_argument("--name", help="study name (MLflow parent run / tag nslab.study); a prefix such as 'quick' "
                                   "picks the newest matching study (default: the --config's study.name)")
@@ -97,11 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def eps_value(text: str) -> float:
+    """argparse type: a number or a fraction such as 8/255."""
+    from ns_core.attacks import parse_eps
+
+    try:
+        return parse_eps(text, "--eps")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def tracking_uri(arg: str | None) -> str | None:
     if arg and arg.lower() == "none":
         return None
-    uri = arg or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    return absolute_uri(uri, Path.cwd())
+    return resolve_tracking_uri(arg)
 
 
 def make_writer(args, tracking=None) -> ReportWriter:
@@ -219,6 +254,39 @@ def run_model_command(args) -> int:
     return 0
 
 
+def run_sensitivity_command(args) -> int:
+    from analyses.loading import load_external
+    from analyses.sensitivity import SensitivityOptions, sensitivity_report
+    from ns_core.attacks import Attack
+
+    if args.checkpoint:
+        item = load_checkpoints([args.checkpoint], [args.label] if args.label else None, args.device)[0]
+    elif args.state_dict and args.model and args.dataset:
+        item = load_external(args.model, args.state_dict, args.dataset, args.data_root, args.device, args.eps,
+                             args.label)
+    else:
+        raise ValueError("sensitivity needs --checkpoint PT, or --state-dict PT with --model NAME and --dataset NAME")
+    options = SensitivityOptions(eps=args.eps, steps=args.steps, examples=args.examples, layers=args.layers,
+                                 attacks=[Attack.parse(a) for a in args.attacks or []], top=args.top, seed=args.seed,
+                                 data_root=args.data_root)
+    if args.smoke_test:
+        options.examples, options.steps = min(options.examples, 64), min(options.steps, 2)
+        options.attacks = [a.replace(steps=min(a.steps_used, 3)) if a.steps_used > 1 else a
+                           for a in options.attacks[:2]] or [Attack("fgsm", item.attack(args.eps).eps),
+                                                            Attack("pgd", item.attack(args.eps).eps, steps=3)]
+    layers = check_layers(item.model, options.layers)
+    attack = item.attack(options.eps, options.steps)
+    if args.dry_run:
+        print(f"# dry run: {item.label} ({item.metadata['model']} on {item.metadata['dataset']}); layers {layers}; "
+              f"sensitivity pairs {attack.label}; {options.examples} test images")
+        return 0
+    writer = make_writer(args)
+    timer = Timer()
+    print(sensitivity_report(item, options, writer))
+    print(f"\nsensitivity took {timer.seconds:.0f} s; report: {writer.where()}")
+    return 0
+
+
 def run_study_command(args) -> int:
     from analyses.study_report import study_report
 
@@ -252,6 +320,8 @@ def _main(argv: list[str] | None) -> int:
         return run_methods_command(args)
     if args.command == "study":
         return run_study_command(args)
+    if args.command == "sensitivity":
+        return run_sensitivity_command(args)
     return run_model_command(args)
 
 

@@ -93,7 +93,7 @@ def _evaluate(args, checkpoint: Path, attacks: list, examples: int | None) -> in
     from orchestrator.config import apply_overrides, validate
     from orchestrator.experiment_config import ExperimentConfig
     from orchestrator.run import final_suite, load_data, record_failure, record_report
-    from orchestrator.tracking import Tracker, absolute_uri, default_tracking_uri, git_commit
+    from orchestrator.tracking import Tracker, git_commit, resolve_tracking_uri
 
     timer = Timer()
     model, meta = load_model(checkpoint, args.device)
@@ -108,7 +108,7 @@ def _evaluate(args, checkpoint: Path, attacks: list, examples: int | None) -> in
     attacks = final_suite(experiment, model, attacks or None)
     for attack in attacks:  # a threat model that does not fit these inputs is one line, before any run starts
         check_threat_model(attack.norm, attack.eps, f"attack {attack.label}", data.input_shape)
-    uri = absolute_uri(args.tracking_uri or default_tracking_uri(), Path.cwd())
+    uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_location(uri)
     tracker = Tracker(uri, args.experiment_name)
     run_id = tracker.start_run(f"evaluate-{checkpoint.parent.name}", params={

@@ -135,15 +135,18 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     study, launch, name = load(args)
+    from orchestrator.run import preflight
+
+    # everything that can be wrong with the data, the model and its layers is one line, before Ray starts
+    ready = {arm.name: preflight(arm.experiment) for arm in study.arms()}
     if args.dry_run:
-        return dry_run(args, study, name)
-    # everything that can be wrong with the locations and the data is one line, before Ray starts
+        return dry_run(args, study, name, ready)
     if "://" not in study.storage.ray:
         writable_dir(study.storage.ray, "Ray results folder (storage.ray)")
     check_tracking_location(study.tracking.uri)
-    from orchestrator.run import load_data
-
-    load_data(study.experiment)
+    for arm, found in ready.items():
+        if found.proposed:
+            print(f"{arm} arm: layers {found.layers} proposed by nslab (set experiment.sns.layers to choose)")
 
     from orchestrator.ray_runtime import ray_session
     from orchestrator.study import run_study  # imports Ray Tune: after ray_session set the environment
@@ -162,8 +165,10 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def dry_run(args, study: StudyFile, name: str) -> int:
+def dry_run(args, study: StudyFile, name: str, ready: dict) -> int:
     print(settings_text(study), end="")
+    for arm, found in ready.items():
+        print(f"# {arm} arm: {found.describe()}")
     arms = "; ".join(arm.describe() for arm in study.arms())
     confirm = "no confirmation" if study.confirm is None or args.no_confirm else (
         f"confirmation on seeds {study.confirm_seeds()}, up to {study.confirm.max_seeds} seeds until decided")

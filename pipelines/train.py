@@ -54,9 +54,10 @@ def _main(argv: list[str] | None) -> int:
     if args.smoke_test:
         experiment = smoke_experiment(experiment)
     name = args.name or experiment.name + ("-smoke" if args.smoke_test else "")
-    from orchestrator.tracking import absolute_uri, default_tracking_uri
+    from orchestrator.run import preflight
+    from orchestrator.tracking import resolve_tracking_uri
 
-    uri = absolute_uri(args.tracking_uri or default_tracking_uri(), Path.cwd())
+    uri = resolve_tracking_uri(args.tracking_uri)
     checkpoint = Path(args.runs_dir).expanduser().resolve() / name / "checkpoint.pt"
     from ns_core.checkpoint import checkpoint_summary, load_checkpoint
 
@@ -64,11 +65,15 @@ def _main(argv: list[str] | None) -> int:
     if state is not None and state["metadata"].get("config") != experiment.model_dump(mode="json"):
         raise ValueError(f"{checkpoint} was trained with another config; pass --fresh to start over or --name NEW "
                          "for a separate run")
+    ready = preflight(experiment)  # data files, the model on a dummy batch, its layers: one line, before any run
     if args.dry_run:
         print(settings_text(experiment), end="")
+        print(f"# {ready.describe()}")
         print(f"# checkpoint {checkpoint}: " + (checkpoint_summary(state) + " (resumes)" if state else "none yet"))
         print(f"# dry run: valid; MLflow {uri} (experiment {args.experiment_name})")
         return 0
+    if ready.proposed:
+        log.info("layers %s proposed by nslab (set sns.layers to choose)", ready.layers)
     if state is not None and state["epoch"] >= experiment.train.epochs:
         print(f"{checkpoint} has finished training ({checkpoint_summary(state)}); evaluate it with "
               f"{prog('evaluate')} --checkpoint {checkpoint}, or pass --fresh to train again")

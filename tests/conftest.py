@@ -1,8 +1,8 @@
 """Shared fixtures and the two test tiers.
 
 `make test` runs every test. `make test-fast` (NSLAB_TEST_TIER=fast, `-m "not slow"`) is the edit loop: no
-Ray, no subprocess, no training beyond a few steps; a test that starts Ray or a subprocess in that tier fails
-with a line saying to mark it slow, so the tier stays honest.
+Ray, no Python subprocess, no training beyond a few steps; a test that starts Ray or a pipeline process in that
+tier fails with a line saying to mark it slow, so the tier stays honest.
 
 Every test runs with NSLAB_MEMORY_FORMAT=contiguous (unless it sets the format itself): the format a process
 picks by timing must not decide a float path, or two runs of one study could differ. Ray workers inherit it,
@@ -44,17 +44,26 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session", autouse=True)
 def fast_tier_guard():
-    """In the fast tier, starting Ray or a subprocess is a test-tier mistake, reported as such."""
+    """In the fast tier, starting Ray or a Python subprocess (a pipeline, a server) is a test-tier mistake,
+    reported as such."""
     if not FAST:
         yield
         return
     import ray
 
+    popen = subprocess.Popen.__init__
+
     def refuse(*args, **kwargs):
         raise RuntimeError("the fast tier starts no Ray and no subprocess: mark this test @pytest.mark.slow")
 
+    def no_python(self, command, *args, **kwargs):  # `git` or `uname` (platform info) are fine; a pipeline is not
+        program = Path(str(command[0] if isinstance(command, list | tuple) else str(command).split()[0])).name
+        if program.startswith("python") or program in ("ray", "mlflow", Path(sys.executable).name):
+            refuse()
+        popen(self, command, *args, **kwargs)
+
     patch = pytest.MonkeyPatch()
-    patch.setattr(subprocess.Popen, "__init__", refuse)
+    patch.setattr(subprocess.Popen, "__init__", no_python)
     patch.setattr(ray, "init", refuse)
     yield
     patch.undo()

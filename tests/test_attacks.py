@@ -207,7 +207,7 @@ def test_attack_description_parses_labels_and_round_trips():
 
 @pytest.mark.slow
 def test_pgd_agrees_with_torchattacks():
-    import torchattacks  # dev dependency, installed with --no-deps (DESIGN.md field notes)
+    import torchattacks  # dev dependency, installed with --no-deps (docs/design.md, field notes)
 
     from ns_core.data import load_dataset
     from ns_core.models import create_model

@@ -44,6 +44,7 @@ def test_unknown_mode_is_rejected():
         Context(torch.device("cpu"), "fast")
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_valid_json_with_the_documented_keys(tmp_path, capsys):
     pytest.importorskip("torchattacks")
     assert main(["--tiny", "--only", "attack_throughput", "--device", "cpu", "--out", str(tmp_path)]) == 0

@@ -208,6 +208,7 @@ def test_bad_study_config_is_one_line_and_exit_2(case, tmp_path, capsys):
     assert not captured.out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, config, start", [
     ("pipelines.study", {"base": str(TINY), "study": {"trials": -3}},
      "config error: study.trials: must be >= 1 (got -3)"),

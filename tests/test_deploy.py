@@ -321,6 +321,7 @@ def test_head_runs_the_authenticated_tracking_server(doc: dict[str, Any]) -> Non
     assert re.search(r"pip install [^;]*--no-deps \"\$NSLAB_SOURCE\"", script), script
 
 
+@pytest.mark.slow
 def test_tracking_server_needs_only_what_the_sidecar_installs() -> None:
     """The sidecar gets mlflow[auth] and nslab --no-deps on the Ray image (which has pydantic and pyyaml): the
     server's module must not import torch, numpy, ray, ... at start-up."""

@@ -229,7 +229,7 @@ def test_a_factory_that_takes_only_num_classes_is_adapted():
 def test_a_user_model_without_default_layers_gets_proposed_or_given_layers(caplog):
     model = create_model("user_models:tiny_cnn_no_layers", (1, 8, 8), 3)
     assert not hasattr(model, "default_layers")
-    with caplog.at_level(logging.WARNING, logger="ns_core"):
+    with caplog.at_level(logging.INFO, logger="ns_core"):
         assert studied_layers(model) == ["act1", "act2", "act3"]  # not `out`, the sigmoid after the logits
     assert any("act1" in r.getMessage() and "TinyCNN" in r.getMessage() for r in caplog.records)
     assert studied_layers(model, ["act2"]) == ["act2"]

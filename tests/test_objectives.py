@@ -142,7 +142,7 @@ def test_sns_spends_no_forward_beyond_the_benign_one(lenet_batch, base):
 def test_sns_warmup_uses_base_loss_then_adds_the_regularizer(lenet_batch):
     model, x, y = lenet_batch
     sns = create_objective("sns", attack=ATTACK, lam=0.5, warmup_epochs=1)
-    assert sns.on_epoch_start(model, 0, (x, y)) == {} and not sns.active
+    assert sns.on_epoch_start(model, 0, (x, y)) == {"train/attack_eps": ATTACK.eps} and not sns.active
     x_adv = sns.craft(model, x, y, torch.Generator().manual_seed(0))
     loss, parts = sns.loss(model, x, y, x_adv)
     assert "sns_reg" not in parts
@@ -159,7 +159,7 @@ def test_sns_reselects_only_when_due(lenet_batch):
     model, x, y = lenet_batch
     sns = create_objective("sns", attack=ATTACK, warmup_epochs=0, reselect_every=2)
     assert sns.on_epoch_start(model, 0, (x, y))  # selects
-    assert sns.on_epoch_start(model, 1, (x, y)) == {}  # keeps the selection
+    assert sns.on_epoch_start(model, 1, (x, y)) == {"train/attack_eps": ATTACK.eps}  # keeps the selection
     assert sns.on_epoch_start(model, 2, (x, y))  # re-selects
 
 

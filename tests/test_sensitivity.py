@@ -36,7 +36,7 @@ def random_pairs(n: int, seed: int = 0):
 
 
 def hand_sensitivity(model: Tiny, x: torch.Tensor, x_adv: torch.Tensor):
-    """The DESIGN.md formula with explicit loops over examples and neurons."""
+    """The docs/design.md formula with explicit loops over examples and neurons."""
     with torch.no_grad():
         conv = lambda t: torch.relu(model.conv(t))  # noqa: E731
         fc = lambda t: torch.relu(model.fc(conv(t).flatten(1)))  # noqa: E731
