@@ -10,6 +10,7 @@
 - storage and data paths that cannot be used (one line, before Ray starts).
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -45,10 +46,8 @@ def start(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
 
 def kill_group(process: subprocess.Popen) -> None:
     """SIGKILL a process started by `start` and everything in its group (its Ray's processes), by PID."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait(timeout=30)
 
 
