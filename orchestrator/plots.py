@@ -150,6 +150,7 @@ def confirmation_figure(confirmation) -> Figure:
         ax_diff.axhspan(-margin, margin, color="gray", alpha=0.15, label=f"±{margin:g}-point margin")
         ax_diff.legend(fontsize=7)
     ax_diff.axhline(0, color="gray", linestyle="--", linewidth=0.8)
+    ax_diff.set_xlim(-0.6, max(len(labels), 1) - 0.4)
     ax_diff.set_xticks(range(len(labels)), labels, fontsize=8)
     ax_diff.set_ylabel("test accuracy difference (points), same seed")
     ax_diff.set_title("paired differences", fontsize=9)

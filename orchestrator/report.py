@@ -1,7 +1,7 @@
 """A finished study in words: the Markdown report the MLflow UI renders on the parent run (its description and
 study/report.md), the summary metrics it shows beside it, and the console text of the pipeline.
 
-    text = study_markdown(study, outcome)        # the answer first, then the tables a reviewer checks
+    text = study_markdown(study, outcome)        # the verdict first, then the tables a reviewer checks
     metrics = summary_metrics(study, outcome)    # {"summary/sns_best_val_robust_acc": 0.836, ...}
 """
 
@@ -35,7 +35,7 @@ def summary_metrics(study: StudyFile, outcome) -> dict[str, float]:
     out.update({"summary/method_cost_per_epoch": outcome.cost_ratio, "summary/study_seconds": outcome.seconds,
                 "summary/epochs_trained": outcome.epochs_trained,
                 "summary/epochs_without_sharing": outcome.epochs_unshared})
-    return {k: float(v) for k, v in out.items() if finite(v)}
+    return {k: round(float(v), 4) for k, v in out.items() if finite(v)}  # what the numbers can carry
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -47,14 +47,14 @@ def study_markdown(study: StudyFile, outcome) -> str:
     """The study's answer first (the verdicts), then the confirmation, each arm's best, the trials, the
     compute and the trust in the cheap signal; every number rounded to what it can carry."""
     e = study.experiment
-    lines = [f"# Study {outcome.name}", "",
-             f"{e.method} vs {study.baseline_method() or '(no baseline)'} on {e.dataset} / {e.model}, "
-             f"{e.attack.norm} eps {e.attack.eps:g}; " + "; ".join(a.describe() for a in outcome.arms) + ".", ""]
     confirmation = outcome.confirmation
+    verdicts = [f"**{c.verdict()}**" for c in confirmation.comparisons] if confirmation else []
+    lines = [*verdicts, "" if verdicts else "(no confirmation)", f"# Study {outcome.name}", "",
+             f"{e.method} vs {study.baseline_method() or '(no baseline)'} on {e.dataset} / {e.model}, "
+             f"{e.attack.norm} eps {e.attack.eps:g}; " + "; ".join(a.describe() for a in outcome.arms) + "; "
+             "verdict on the test split, paired by seed (above).", ""]
     if confirmation is not None:
-        lines += ["## Verdict (test split, paired by seed)", ""]
-        lines += [f"- {c.verdict()}" for c in confirmation.comparisons] or ["- (no baseline: nothing to compare)"]
-        lines += ["", "## Confirmation", ""]
+        lines += ["## Confirmation", ""]
         lines += _table(["configuration", "seed", "clean %", "robust %", "Δ robust", "Δ clean", "status"], [
             [r["configuration"], r["seed"], pct(r.get("test_clean_acc")), pct(r.get("test_robust_acc")),
              points(r.get("robust_diff")) if finite(r.get("robust_diff")) else "",

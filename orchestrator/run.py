@@ -72,10 +72,14 @@ class Preflight:
 
     data: DatasetSplits
     layers: list[str]
-    proposed: bool
+    source: str  # "the config's", "the model's" (its default_layers) or "proposed"
+
+    @property
+    def proposed(self) -> bool:
+        return self.source == "proposed"
 
     def describe(self) -> str:
-        how = "proposed by nslab (set sns.layers to choose)" if self.proposed else "given"
+        how = "proposed by nslab (set sns.layers to choose)" if self.proposed else self.source
         return (f"data {len(self.data.train)} train / {len(self.data.val)} validation / {len(self.data.test)} test, "
                 f"input {tuple(self.data.input_shape)}, {self.data.num_classes} classes; layers {self.layers} ({how})")
 
@@ -90,8 +94,9 @@ def preflight(config: ExperimentConfig) -> Preflight:
     for attack in config.eval.attacks or []:
         if attack.layers:
             studied_layers(model, list(attack.layers))
-    given = (config.method == "sns" and config.sns.layers) or getattr(model, "default_layers", None)
-    return Preflight(data, list(layers), not given)
+    source = ("the config's" if config.method == "sns" and config.sns.layers
+              else "the model's" if getattr(model, "default_layers", None) else "proposed")
+    return Preflight(data, list(layers), source)
 
 
 def build_trainer(config: ExperimentConfig, data: DatasetSplits | None = None) -> Trainer:
@@ -182,11 +187,11 @@ def record_failure(tracker: Tracker, run_id: str, err: BaseException) -> str:
 
 def epoch_metrics(metrics: Mapping[str, Any], objective: str | None = None) -> dict[str, float]:
     """An epoch's numbers for MLflow; the epoch itself is the step (an `epoch` metric would be the same for
-    every run and crowd the compare view). A study's primary objective is also logged as
-    `objective/<name>`, which MLflow's compare view, sorting names, shows first (docs/design.md)."""
+    every run and crowd the compare view). A study's primary objective is also logged as `objective/<name>`,
+    first: MLflow's compare view lists metrics by name and plots the first one a run logged (docs/design.md)."""
     out = {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "epoch"}
-    if objective is not None and objective in out:
-        out[f"objective/{objective.replace('/', '_')}"] = out[objective]
+    if objective is not None and objective in out:  # first: the compare view plots a run's first-logged metric
+        out = {f"objective/{objective.replace('/', '_')}": out[objective], **out}
     return out
 
 
@@ -255,7 +260,9 @@ def run_experiment(config: ExperimentConfig, tracker: Tracker, run_id: str, *, s
 
 
 def _final_plot(tracker: Tracker, run_id: str, trainer: Trainer) -> None:
+    """The last epoch's sensitivity per layer; the stabilized neurons marked only for a method that selects them
+    (SNS): for other methods the table's `selected` column is a probe-set top fraction, not a choice of theirs."""
     if trainer.last_sensitivity is not None:
-        figure = sensitivity_figure(trainer.last_sensitivity, trainer.last_selection,
+        figure = sensitivity_figure(trainer.last_sensitivity, trainer.objective.selected_neurons(),
                                     title=f"neuron sensitivity after epoch {trainer.epoch} (validation pairs)")
         tracker.log_figure(run_id, figure, "sensitivity/sensitivity_per_layer.png")

@@ -9,9 +9,15 @@ picks by timing must not decide a float path, or two runs of one study could dif
 and PYTHONPATH with this folder (tests/user_models.py is a researcher's own model, named by import path).
 """
 
+import contextlib
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -31,9 +37,10 @@ torch.set_num_threads(1)  # deterministic speed on a shared 2-core box; Ray tria
 QUICK = REPO / "configs" / "experiment" / "quick.yaml"
 TINY_STUDY = REPO / "configs" / "study" / "tiny.yaml"
 TRAINED_EPS = 0.15
+RAY = Path(sys.executable).parent / "ray"
 
 
-SLOW_FIXTURES = {"trained_models", "local_ray"}  # they train for seconds or start Ray: whoever uses them is slow
+SLOW_FIXTURES = {"trained_models", "local_ray", "ray_head"}  # they train for seconds or start Ray: users are slow
 
 
 def pytest_collection_modifyitems(items):
@@ -139,3 +146,71 @@ def subprocess_env(**extra: str) -> dict:
 def run_module(args: list[str], cwd: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(**env), capture_output=True,
                           text=True, timeout=timeout)
+
+
+# ---- a real Ray cluster head, for `ray job submit` ------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _session_pids(marker: str) -> set[int]:
+    """Processes whose command line names our private temp dir, and all their descendants."""
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(entry)] = (command, parent)
+    found = {pid for pid, (command, _) in procs.items() if marker in command}
+    while True:
+        children = {pid for pid, (_, parent) in procs.items() if parent in found} - found
+        if not children:
+            return found
+        found |= children
+
+
+def _stop(marker: str) -> None:
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        for pid in _session_pids(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait
+        while _session_pids(marker) and time.time() < deadline:
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head` on 127.0.0.1 with its own temp dir and free ports; yields the dashboard URL."""
+    temp_dir = tempfile.mkdtemp(prefix="nsray", dir="/tmp")  # short: Unix socket paths are limited to 107 bytes
+    ports = _free_ports(9)
+    low = 20000 + (os.getpid() % 300) * 100
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    command = [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir,
+               "--num-cpus", "2", "--num-gpus", "0", "--disable-usage-stats",
+               "--port", str(ports[0]), "--dashboard-port", str(ports[1]), "--ray-client-server-port", str(ports[2]),
+               "--node-manager-port", str(ports[3]), "--object-manager-port", str(ports[4]),
+               "--dashboard-agent-listen-port", str(ports[5]), "--dashboard-agent-grpc-port", str(ports[6]),
+               "--metrics-export-port", str(ports[7]), "--runtime-env-agent-port", str(ports[8]),
+               "--min-worker-port", str(low), "--max-worker-port", str(low + 99),
+               "--include-dashboard=true", "--dashboard-host", "127.0.0.1"]
+    try:
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield f"http://127.0.0.1:{ports[1]}"
+    finally:
+        _stop(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

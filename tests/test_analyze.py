@@ -40,7 +40,7 @@ def report_runs(tmp_path, kind: str):
 
 
 @pytest.mark.slow
-def test_methods_smoke_trains_every_method_and_seed_as_tune_trials(tmp_path):
+def test_methods_smoke_trains_every_method_and_seed_as_tune_trials(local_ray, tmp_path):
     assert run(tmp_path, "methods", "--smoke-test") == 0
     out = tmp_path / "out"
     tables = read_back(out, ["methods/per_seed.parquet", "methods/summary.parquet", "methods/paired_summary.parquet"],

@@ -52,7 +52,7 @@ def test_the_cascade_finds_the_worst_case_of_every_attack_on_every_example_for_l
 
 def test_autoattack_le_pgd_le_fgsm_le_clean_and_a_standard_model_falls_to_zero(trained_models):
     trainer, _ = trained_models["pgd_at"]
-    model, (x, y) = trainer.model.eval(), trainer.val.take(64)
+    model, (x, y) = trainer.model.eval(), trainer.val.take(48)
     alone = {name: evaluate_robustness(model, (x, y), [Attack(name, EPS, **kw)], checks=False).robust_accuracy
              for name, kw in (("fgsm", {}), ("pgd", {"steps": 20}), ("autoattack", {}))}
     clean = evaluate_robustness(model, (x, y), [], checks=False).clean_accuracy

@@ -2,7 +2,7 @@
 127.0.0.1), each followed by a check of the record: run counts, statuses, and every epoch logged exactly once.
 
 - several writers opening one new SQLite store at the same moment;
-- a trial's worker process killed (SIGKILL, by PID) mid-epoch;
+- a trial's worker process killed (SIGKILL, by PID) mid-epoch (the study in this process's Ray);
 - the driver killed (SIGKILL) mid-search and again between confirmation seeds, then the same command (flags
   included) with --resume;
 - an authenticated tracking server stopped mid-study and restarted; a client without credentials refused;
@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +27,7 @@ import yaml
 from conftest import REPO, TINY_STUDY, run_module, subprocess_env
 
 from orchestrator.tracking import Tracker
+from pipelines import tracking_server, train
 
 pytestmark = pytest.mark.slow
 
@@ -119,6 +121,7 @@ class Server:
 WRITER = """
 import sys
 from orchestrator.tracking import Tracker
+from pipelines import tracking_server, train
 tracker = Tracker(sys.argv[1], "nslab")
 run = tracker.start_run("writer", tags={"nslab.kind": "train"})
 tracker.log_metrics(run, {"val/robust_acc": 0.5}, step=1)
@@ -136,31 +139,36 @@ def test_several_writers_open_a_new_sqlite_store_at_once(tmp_path):
     assert len(trains) == 3 and {r.info.status for r in trains} == {"FINISHED"}
 
 
-def test_a_trial_worker_killed_mid_epoch_is_retried_into_its_own_run(tmp_path):
+def test_a_trial_worker_killed_mid_epoch_is_retried_into_its_own_run(local_ray, tmp_path):
+    """The study runs in this process's Ray; a thread kills its trial's worker process (SIGKILL, by the PID its
+    run records) in the middle of its third epoch."""
+    from orchestrator.study import run_study
+    from orchestrator.study_config import load_study
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = write_study(tmp_path, uri, study={"trials": 1, "max_failures": 2}, confirm=None, baseline=None,
-                         experiment={"train": {"epochs": 3}, "data": {"train_limit": 1500},
+                         experiment={"train": {"epochs": 3}, "data": {"train_limit": 1000},
                                      "attack": {"name": "pgd", "eps": 0.2, "steps": 4}})
-    study = start(["pipelines.study", "--config", str(config), "--name", "kill-worker"], tmp_path)
-    try:
-        def running_search_trial():
-            for run in runs(uri):
-                # past its second epoch, reported with a checkpoint
-                if run.data.tags.get("nslab.role") == "search" and run.info.status == "RUNNING" \
-                        and len(epochs_logged(uri, run)) >= 2 and "nslab.worker" in run.data.tags:
-                    return run
-            return None
+    victims: list = []
 
-        victim = wait_for(running_search_trial, what="a search trial past its first own epoch")
+    def kill_a_running_trial() -> None:
+        def past_its_second_epoch():  # reported with a checkpoint
+            return next((run for run in runs(uri) if run.data.tags.get("nslab.role") == "search"
+                         and run.info.status == "RUNNING" and "nslab.worker" in run.data.tags
+                         and len(epochs_logged(uri, run)) >= 2), None)
+
+        victim = wait_for(past_its_second_epoch, what="a search trial past its second epoch")
         time.sleep(0.7)  # into the next epoch
-        pid = int(victim.data.tags["nslab.worker"].rsplit(":", 1)[1])
-        os.kill(pid, signal.SIGKILL)
-        code, output = finish(study)
-    finally:
-        kill_group(study)
-    assert code == 0, output[-3000:]
+        os.kill(int(victim.data.tags["nslab.worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+        victims.append(victim)
+
+    killer = threading.Thread(target=kill_a_running_trial, daemon=True)
+    killer.start()
+    outcome = run_study(load_study(config), "kill-worker")
+    killer.join(timeout=60)
+    (victim,) = victims
     search = [r for r in runs(uri) if r.data.tags["nslab.role"] == "search"]
-    assert len(search) == 1  # one run per trial: the retry continued the killed one
+    assert len(search) == 1 and outcome.rows[0]["status"] == "COMPLETE"  # one run per trial: the retry continued
     (killed,) = search
     assert killed.info.run_id == victim.info.run_id and killed.info.status == "FINISHED"
     assert "nslab.resumed_from_epoch" in killed.data.tags and epochs_logged(uri, killed) == [1, 2, 3]
@@ -181,8 +189,8 @@ def test_a_killed_driver_resumes_mid_search_and_between_seeds_with_the_flags_it_
         finally:
             kill_group(process)  # the driver dies with its local Ray, as when its machine goes down
 
-    killed_when(lambda: any(r.info.status == "FINISHED" and r.data.tags["nslab.role"] == "search" for r in runs(uri)),
-                "a finished search trial", resume=False)
+    killed_when(lambda: any(r.data.tags["nslab.role"] == "search" and epochs_logged(uri, r) for r in runs(uri)),
+                "a search trial past its first epoch", resume=False)
     killed_when(lambda: any(r.info.run_name.endswith("-s2") for r in runs(uri)), "the second confirmation seed",
                 resume=True)
     code, output = finish(start([*command, "--resume"], tmp_path))
@@ -210,26 +218,28 @@ def test_a_killed_driver_resumes_mid_search_and_between_seeds_with_the_flags_it_
     assert sorted(table.column("seed").to_pylist()) == [1, 1, 2, 2]
 
 
-def test_an_authenticated_server_goes_down_mid_study_lets_only_its_users_in_and_nothing_is_lost(tmp_path):
+def test_an_authenticated_server_goes_down_mid_study_lets_only_its_users_in_and_nothing_is_lost(tmp_path, capsys):
     admin = {"MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-0123"}
     server = Server(tmp_path / "server", auth=True, **admin)
     server.start()
     try:
-        result = run_module(["pipelines.tracking_server", "--add-user", "alice", "--tracking-uri", server.uri],
-                            tmp_path, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin[
-                                "MLFLOW_AUTH_ADMIN_PASSWORD"], NSLAB_NEW_PASSWORD="alice-password-0123")
-        assert result.returncode == 0, result.stderr[-2000:]
+        with pytest.MonkeyPatch.context() as env:
+            for key, value in (("MLFLOW_TRACKING_USERNAME", "admin"), ("NSLAB_NEW_PASSWORD", "alice-password-0123"),
+                               ("MLFLOW_TRACKING_PASSWORD", admin["MLFLOW_AUTH_ADMIN_PASSWORD"])):
+                env.setenv(key, value)
+            assert tracking_server.main(["--add-user", "alice", "--tracking-uri", server.uri]) == 0
         alice = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "alice-password-0123",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # retries at 1, 3, 7, 15, 31, 63 s: covers the outage
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # an integer: retries after 1, 3, 7, 15, 31, 63 s
         config = write_study(tmp_path, server.uri, study={"trials": 1, "share_warmup": False}, confirm=None,
                              experiment={"train": {"epochs": 3}, "data": {"train_limit": 512}})
         study = start(["pipelines.study", "--config", str(config), "--name", "outage"], tmp_path, **alice)
         try:
             os.environ.update(alice)
-            wait_for(lambda: any(len(epochs_logged(server.uri, r)) >= 1 for r in runs(server.uri)
-                                 if r.data.tags.get("nslab.role") == "search"), what="a logged epoch")
+            wait_for(lambda: study.poll() is not None or any(len(epochs_logged(server.uri, r)) >= 1 for r in runs(
+                server.uri) if r.data.tags.get("nslab.role") == "search"), what="a logged epoch")
+            assert study.poll() is None, f"the study ended before the outage: {finish(study)[1][-3000:]}"
             server.stop()
-            time.sleep(4)  # trials keep training; their MLflow calls retry with backoff
+            time.sleep(2)  # trials keep training; their MLflow calls retry with backoff
             server.start()
             code, output = finish(study)
             trials = runs(server.uri)
@@ -249,12 +259,11 @@ def test_an_authenticated_server_goes_down_mid_study_lets_only_its_users_in_and_
                 finally:
                     for key in alice:
                         os.environ.pop(key, None)
-        refused = run_module(["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"),
-                              "--smoke-test", "--tracking-uri", server.uri, "--runs-dir", str(tmp_path / "r")],
-                             tmp_path, timeout=120)
-        lines = refused.stderr.strip().splitlines()
-        assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
-        assert f"the MLflow server {server.uri} refused the request: not authenticated" in lines[0]
+        capsys.readouterr()
+        assert train.main(["--config", str(REPO / "configs/experiment/quick.yaml"), "--smoke-test", "--tracking-uri",
+                           server.uri, "--runs-dir", str(tmp_path / "r")]) == 2  # no credentials in this process
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"the MLflow server {server.uri} refused the request: not authenticated" in lines[0]
     finally:
         server.stop()
 

@@ -1,5 +1,6 @@
 """The pipelines as users run them: --help and usage through `nslab`, --dry-run everywhere, one-line errors for
-bad input, and train and evaluate smoke runs in subprocesses (own models: tests/test_own_models.py)."""
+bad input, and a train smoke run in a subprocess evaluated by the evaluate pipeline (own models:
+tests/test_own_models.py)."""
 
 
 import pyarrow.parquet as pq
@@ -100,7 +101,7 @@ def _exit_code(main, argv) -> int:
 
 
 @pytest.mark.slow
-def test_train_then_evaluate_smoke(tmp_path):
+def test_train_then_evaluate_smoke(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_module(["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"), "--smoke-test",
                          "--tracking-uri", uri, "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path)
@@ -116,11 +117,10 @@ def test_train_then_evaluate_smoke(tmp_path):
         artifacts)
     assert {"test/clean_acc", "test/robust_acc", "test/sensitivity_all"} <= set(run.data.metrics)
 
-    result = run_module(["pipelines.evaluate", "--checkpoint", str(checkpoint), "--attacks", "fgsm:0.2", "pgd:0.2:3",
-                         "apgd_ce:0.2:5", "--examples", "64", "--tracking-uri", uri, "--out", str(tmp_path / "eval")],
-                        cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "gradient-masking checks:" in result.stdout and "large_eps_linf" in result.stdout
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--attacks", "fgsm:0.2", "pgd:0.2:3", "apgd_ce:0.2:5",
+                          "--examples", "64", "--tracking-uri", uri, "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "gradient-masking checks:" in out and "large_eps_linf" in out
     table = pq.read_table(tmp_path / "eval" / "robust_accuracy.parquet")
     assert table.schema.equals(EVAL_SCHEMA) and table.column("n").to_pylist() == [64] * 5
     assert pq.read_table(tmp_path / "eval" / "checks.parquet").schema.equals(CHECK_SCHEMA)

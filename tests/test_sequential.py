@@ -2,11 +2,17 @@
 PGD-AT base against plain training at Linf eps 0.2: tens of robust points apart) but which starts from one
 confirmation seed, so it must add seeds before it may decide; run twice, once per memory format
 (NSLAB_MEMORY_FORMAT), which changes every float rounding of the training. The seed-to-seed spread, not the
-rounding, decides: both runs give the same verdict."""
+rounding, decides: both runs give the same verdict. The second runs as a `ray job submit` job on a real Ray
+cluster head (127.0.0.1, its own ports, stopped by PID)."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
-from conftest import TINY_STUDY, run_module
+from conftest import RAY, REPO, TINY_STUDY
 
 from orchestrator.tracking import Tracker
 
@@ -14,10 +20,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def verdicts(local_ray, tmp_path_factory):
+def verdicts(local_ray, ray_head, tmp_path_factory):
     """{memory format: (parent run, tracking URI)} of the same study run once per format: in this process's
-    Ray (contiguous, the test session's format) and as `pipelines.study` in a process of its own
-    (channels_last)."""
+    local Ray (contiguous, the test session's format), and as a `ray job submit` job on a real `ray start --head`
+    cluster (channels_last, through the job's runtime environment): the cluster path users take."""
     from orchestrator.study import run_study
     from orchestrator.study_config import load_study
 
@@ -26,7 +32,7 @@ def verdicts(local_ray, tmp_path_factory):
     config.write_text(yaml.safe_dump({
         "base": str(TINY_STUDY),
         "study": {"trials": 1, "share_warmup": False, "points_to_evaluate": [{"sns.lam": 0.05, "sns.fraction": 0.2}]},
-        "experiment": {"data": {"train_limit": 2000},
+        "experiment": {"data": {"train_limit": 1500},
                        "train": {"epochs": 3, "eps_ramp_epochs": 1,
                                  "val_attack": {"name": "pgd", "eps": 0.2, "steps": 3}},
                        "eval": {"attacks": [{"name": "fgsm", "eps": 0.2}, {"name": "pgd", "eps": 0.2, "steps": 5}],
@@ -36,14 +42,19 @@ def verdicts(local_ray, tmp_path_factory):
         "tracking": {"experiment": "sequential"}, "storage": {"ray": str(tmp / "ray")}}))
     out = {}
     uri = f"sqlite:///{tmp / 'contiguous' / 'mlflow.db'}"
-    study = load_study(config, {"tracking.uri": uri})
-    outcome = run_study(study, "seq-contiguous")
+    outcome = run_study(load_study(config, {"tracking.uri": uri}), "seq-contiguous")
     out["contiguous"] = Tracker(uri, "sequential").get_run(outcome.parent_run_id), uri
     uri = f"sqlite:///{tmp / 'channels_last' / 'mlflow.db'}"
-    result = run_module(["pipelines.study", "--config", str(config), "--name", "seq-channels-last", "--tracking-uri",
-                         uri], tmp, timeout=400, NSLAB_MEMORY_FORMAT="channels_last")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "undecided after 1 seeds" in result.stdout + result.stderr  # one seed has no interval: one is added
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"  # Ray 2.60 clusters started here use token auth (~/.ray/auth_token)
+    job = subprocess.run(
+        [str(RAY), "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--runtime-env-json",
+         json.dumps({"env_vars": {"NSLAB_MEMORY_FORMAT": "channels_last"}}), "--", sys.executable, "-m",
+         "pipelines.study", "--config", str(config), "--name", "seq-channels-last", "--tracking-uri", uri],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
+    assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, job.stdout[-4000:] + job.stderr[-2000:]
+    assert "undecided after 1 seeds" in job.stdout  # one seed has no interval: a second is added
+    assert "verdict (test split, paired by seed):" in job.stdout  # the study's own report, from the job's driver
     (parent,) = Tracker(uri, "sequential").find_runs("tags.`nslab.kind` = 'study'")
     out["channels_last"] = parent, uri
     return out
