@@ -37,20 +37,18 @@ from orchestrator.config import settings_text
 from orchestrator.confirm import Confirmation, run_confirmation
 from orchestrator.ray_runtime import trial_resources
 from orchestrator.results import Status, finite, objective_points, pareto_mask, rows_table
+from orchestrator.search import arm_sampler, distribution, rungs, status
 from orchestrator.study_config import Arm, ParamSpec, StudyFile
 from orchestrator.tracking import Tracker, config_hash, flatten, git_commit
 from orchestrator.trial import FAILURE_TAG, TRIAL_ID_TAG
 from orchestrator.trials import Record, Role, TrialSettings
 from orchestrator.tuning import (
     TrialLog,
-    arm_sampler,
-    distribution,
     exists,
+    known_trial_ids,
     phase_trials,
     run_search,
     run_warmups,
-    rungs,
-    status,
     warmup_checkpoints,
 )
 
@@ -145,7 +143,8 @@ def search_warmup(study: StudyFile, record: Record, path: str,
             and warmup.takes_part(method.experiment) and study.experiment.method == "sns"):
         if study.study.share_warmup and lengths:
             moved = [p for p in method.space if warmup.shapes_trajectory(p)]
-            log.info("no shared warm-up in the search: it moves %s, which shape(s) the warm-up", ", ".join(moved))
+            log.info("no shared warm-up in the search: its trials differ in %s, which shape the warm-up epochs",
+                     ", ".join(moved))
         return None
     experiment = study.experiment
     trial = warmup.warmup_trial(experiment, lengths, record, "warmup")
@@ -188,10 +187,7 @@ def close_orphans(tracker: Tracker, parent: str, path: str) -> int:
     """End the runs of trials Tune never recorded: a driver killed within seconds of starting a trial loses it
     from the experiment state, and the resumed study runs that configuration again as a new trial. The lost
     run stays in the record, KILLED, with the reason as a tag."""
-    from ray import tune
-
-    known = {t.trial_id for phase in sorted(Path(path).iterdir()) if tune.Tuner.can_restore(str(phase))
-             for t in tune.ExperimentAnalysis(str(phase)).trials} if Path(path).is_dir() else set()
+    known = known_trial_ids(path)
     orphans = [run for run in tracker.children(parent) if run.data.tags.get(TRIAL_ID_TAG) not in known]
     for run in orphans:
         tracker.set_tags(run.info.run_id, {ORPHAN_TAG: "the driver died before Ray Tune recorded this trial; the "

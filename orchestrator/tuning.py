@@ -1,233 +1,42 @@
-"""Ray Tune behind one module: the search (both arms in one experiment, Optuna per arm, ASHA per arm), trials
-in rounds (the sequential confirmation), fixed trials, and the one function that runs or resumes a phase.
+"""Ray Tune runs a study's phases here: the search (both arms in one experiment), trials in rounds (the sequential
+confirmation), fixed trials with shared warm-ups, and the one function that runs or resumes a phase. What each
+phase tries next (Optuna per arm, ASHA per arm, rounds) is orchestrator/search.py: nslab's Ray Tune code is
+those two modules and the trainable (orchestrator/trial.py).
 
-    results = run_search(study, [arm_sampler(study, arm, template) for ...], path, resources, callbacks=[...])
+    results = run_search(study, samplers, path, resources, callbacks=[TrialLog(...)])
     results = run_rounds(plan, path, "confirm", resources, limit=20)     # plan(rows) -> the next round's trials
     results = run_fixed(trials, path, "methods", resources, record=record)   # shared warm-ups first
 
-Every trial, searched or fixed, runs orchestrator.trial.train_trial with the same shape of config,
-`{"trial": TrialSettings}`: a searched trial's settings are built on the driver from what its arm's Optuna
-sampler suggested, decoded to config values and numbered in the order the arm's trials were created. A phase
-whose Tune experiment exists is restored (finished trials stay finished, interrupted ones resume from their
-checkpoints, the searcher's state — Optuna's studies, the trial numbers, the rounds so far — comes back from
-Tune's searcher checkpoint).
+Every trial runs orchestrator.trial.train_trial with the same shape of config, `{"trial": TrialSettings}`. A
+phase whose Tune experiment exists is restored (finished trials stay finished, interrupted ones resume from their
+checkpoints, the searchers' state comes back from Tune's searcher checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter, Searcher
-from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator import warmup
 from orchestrator.results import Status, fmt
-from orchestrator.study_config import Arm, ParamSpec, StudyFile
+from orchestrator.search import ArmSampler, PerArm, Rounds, make_searcher, status
+from orchestrator.study_config import StudyFile
 from orchestrator.trial import train_trial
-from orchestrator.trials import CONFIG_KEY, Record, Role, TrialSettings
+from orchestrator.trials import CONFIG_KEY, Record, TrialSettings
 
 log = logging.getLogger(__name__)
 TUNE_DONE = ("TERMINATED", "ERROR")
-
-
-def status(errored: bool, finished: bool, final: bool, role: Role) -> Status:
-    """Our vocabulary for what Tune saw: an error, a final report (every epoch trained), a warm-up that reached
-    its last kept epoch, a trial ASHA stopped, or one that has not finished."""
-    if errored:
-        return Status.FAILED
-    if final:
-        return Status.COMPLETE
-    if finished:
-        return Status.WARMED_UP if role == Role.WARMUP else Status.STOPPED_EARLY
-    return Status.INCOMPLETE
 
 
 def result_status(result) -> Status:
     """The Status of a tune.Result of a finished phase."""
     metrics = result.metrics or {}
     return status(result.error is not None, True, bool(metrics.get("final")), TrialSettings.of(result.config).role)
-
-
-# ---- searching both arms -------------------------------------------------------------------------------
-
-
-@dataclass
-class ArmSampler:
-    """One arm's trials as TrialSettings: its Optuna searcher's sample, decoded to config values, in a copy of
-    `template` labelled `<arm>-NN` in the order the arm's trials were created."""
-
-    optuna: Searcher | None  # None: an untuned arm, its one trial as the template has it
-    template: TrialSettings
-    space: dict[str, ParamSpec]
-    trials: int
-    created: int = 0
-
-    def suggest(self, trial_id: str) -> dict | None:
-        if self.optuna is None:
-            self.created += 1
-            return self.template.with_(number=self.created).tune_config()
-        sample = self.optuna.suggest(trial_id)
-        if not isinstance(sample, dict):
-            return None
-        self.created += 1
-        overrides = {path: spec.decode(sample[path]) for path, spec in self.space.items() if path in sample}
-        label = f"{self.template.arm}-{self.created:02d}"
-        return self.template.with_(label=label, number=self.created, overrides=overrides).tune_config()
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.optuna is not None:
-            self.optuna.on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None, error: bool) -> None:
-        if self.optuna is not None:
-            self.optuna.on_trial_complete(trial_id, result=result, error=error)
-
-
-class ArmsSearcher(Searcher):
-    """Every arm's trials from one Tune experiment: suggestions take turns between the arms until each has its
-    trial count, and each result goes back to the sampler of the arm that suggested it (never across arms).
-    One experiment keeps its workers warm for both arms and fills the cluster to the end. Tune saves it with
-    `save` (its samplers, their Optuna studies and the trial numbers survive a resume)."""
-
-    def __init__(self, samplers: list[ArmSampler], metric, mode) -> None:
-        super().__init__(metric=metric, mode=mode)
-        self.samplers = samplers
-        self.owner: dict[str, int] = {}
-        self.turn = 0
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return all(s.optuna.set_search_properties(metric, mode, config, **spec) for s in self.samplers if s.optuna)
-
-    def set_max_concurrency(self, max_concurrent: int) -> bool:
-        return False  # ConcurrencyLimiter does the limiting
-
-    def suggest(self, trial_id: str):
-        for _ in range(len(self.samplers)):
-            index = self.turn % len(self.samplers)
-            self.turn += 1
-            sampler = self.samplers[index]
-            if sampler.created < sampler.trials:
-                config = sampler.suggest(trial_id)
-                if config is not None:
-                    self.owner[trial_id] = index
-                    return config
-        return Searcher.FINISHED if all(s.created >= s.trials for s in self.samplers) else None
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.samplers[self.owner[trial_id]].on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.samplers[self.owner[trial_id]].on_trial_complete(trial_id, result, error)
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as file:
-            pickle.dump(self.__dict__, file)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as file:
-            self.__dict__.update(pickle.load(file))
-
-
-def distribution(spec: ParamSpec):
-    import optuna
-
-    if spec.type == "float":
-        return optuna.distributions.FloatDistribution(spec.low, spec.high, log=spec.log, step=spec.step)
-    if spec.type == "int":
-        return optuna.distributions.IntDistribution(int(spec.low), int(spec.high), log=spec.log,
-                                                    step=int(spec.step or 1))
-    return optuna.distributions.CategoricalDistribution(spec.optuna_choices())
-
-
-def arm_sampler(study: StudyFile, arm: Arm, template: TrialSettings) -> ArmSampler:
-    """The same searcher for every arm: Optuna's TPE (half the budget, at most 10, random first) or NSGA-II,
-    seeded, over the arm's own space; the method's points_to_evaluate (the baseline arm: their shared part)."""
-    import optuna
-
-    if not arm.tuned:
-        return ArmSampler(None, template, {}, 1)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    s = study.study
-    if s.sampler == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size or max(
-            4, 2 * s.concurrency))
-    else:
-        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, min(10, arm.trials // 2)))
-    metrics, modes = [o.metric for o in s.objectives], [o.mode for o in s.objectives]
-    points = [{p: arm.space[p].encode(v) for p, v in point.items() if p in arm.space}
-              for point in s.points_to_evaluate]
-    points = [p for i, p in enumerate(points) if p and p not in points[:i]]
-    storage = optuna.storages.RDBStorage(study.storage.optuna) if study.storage.optuna else None
-    searcher = OptunaSearch(
-        space={path: distribution(spec) for path, spec in arm.space.items()},
-        metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0],
-        sampler=sampler, storage=storage, study_name=f"{template.record.study}-{arm.name}",
-        points_to_evaluate=points or None)
-    return ArmSampler(searcher, template, arm.space, arm.trials)
-
-
-def make_searcher(study: StudyFile, samplers: list[ArmSampler]) -> Searcher:
-    metrics, modes = [o.metric for o in study.study.objectives], [o.mode for o in study.study.objectives]
-    searcher = ArmsSearcher(samplers, metrics if len(metrics) > 1 else metrics[0],
-                            modes if len(modes) > 1 else modes[0])
-    return ConcurrencyLimiter(searcher, max_concurrent=study.study.concurrency)
-
-
-def rungs(study: StudyFile) -> list[int]:
-    """The epochs at which ASHA compares trials (grace_period x reduction_factor^k below the maximum)."""
-    s = study.study
-    if s.scheduler != "asha":
-        return []
-    out, epoch = [], float(s.grace_period)
-    while epoch < study.max_epochs():
-        out.append(int(epoch))
-        epoch *= s.reduction_factor
-    return sorted(set(out))
-
-
-class PerArm(FIFOScheduler):
-    """One ASHA per arm, each seeing only its arm's trials: an arm is stopped early against its own trials,
-    never against the other arm's (whose early epochs may simply run another schedule)."""
-
-    def __init__(self, study: StudyFile) -> None:
-        super().__init__()
-        s = study.study
-        self.primary = s.objectives[0]
-        self.settings = {"time_attr": "epoch", "metric": self.primary.metric, "mode": self.primary.mode,
-                         "max_t": study.max_epochs(), "grace_period": s.grace_period,
-                         "reduction_factor": s.reduction_factor}
-        self.arms: dict[str, ASHAScheduler] = {}
-
-    def of(self, trial) -> ASHAScheduler:
-        arm = TrialSettings.of(trial.config).arm or ""
-        if arm not in self.arms:
-            self.arms[arm] = ASHAScheduler(**self.settings)
-        return self.arms[arm]
-
-    def set_search_properties(self, metric, mode, **spec) -> bool:
-        return True  # each arm's ASHA has the study's primary objective
-
-    def on_trial_add(self, tune_controller, trial) -> None:
-        self.of(trial).on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self.of(trial).on_trial_result(tune_controller, trial, result)
-
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        self.of(trial).on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_remove(self, tune_controller, trial) -> None:
-        self.of(trial).on_trial_remove(tune_controller, trial)
-
-    def debug_string(self) -> str:
-        return "; ".join(f"{arm}: {asha.debug_string()}" for arm, asha in self.arms.items())
 
 
 def run_search(study: StudyFile, samplers: list[ArmSampler], path: str, resources: dict[str, float],
@@ -239,55 +48,6 @@ def run_search(study: StudyFile, samplers: list[ArmSampler], path: str, resource
         num_samples=sum(s.trials for s in samplers), trial_dirname_creator=_trial_name, trial_name_creator=_trial_name,
         # a warm worker keeps torch, MLflow and the decoded data loaded across trials (bench/orchestration)
         reuse_actors=True), max_failures=study.study.max_failures, callbacks=callbacks, keep=2)
-
-
-# ---- trials in rounds ------------------------------------------------------------------------------------
-
-
-class Rounds(Searcher):
-    """Fixed trials in rounds from one Tune experiment: `plan(rows)` gives the next round's trials from one row
-    per finished trial ([] when there is nothing left to run); a round starts when the last one has finished.
-    The sequential confirmation adds seeds this way, in warm workers, and a resumed driver continues the round
-    it was in: Tune saves this searcher (the trials issued, the rows, the plan) with the experiment."""
-
-    def __init__(self, plan: Callable[[list[dict]], list[TrialSettings]]) -> None:
-        super().__init__()
-        self.plan = plan
-        self.queue = list(plan([]))
-        self.issued: dict[str, TrialSettings] = {}
-        self.rows: dict[str, dict] = {}
-        self.rounds = 1 if self.queue else 0
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True
-
-    def suggest(self, trial_id: str):
-        if not self.queue:
-            if len(self.rows) < len(self.issued):
-                return None  # the round is still running
-            self.queue = list(self.plan(list(self.rows.values())))
-            if not self.queue:
-                return Searcher.FINISHED
-            self.rounds += 1
-        settings = self.queue.pop(0)
-        self.issued[trial_id] = settings
-        return settings.tune_config()
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        settings, result = self.issued[trial_id], result or {}
-        final = bool(result.get("final")) and not error
-        self.rows[trial_id] = {"configuration": settings.configuration, "seed": settings.seed, "label": settings.label,
-                               "status": str(status(error, True, final, settings.role)),
-                               "test_clean_acc": result.get("test/clean_acc") if final else None,
-                               "test_robust_acc": result.get("test/robust_acc") if final else None}
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as file:
-            pickle.dump(self.__dict__, file)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as file:
-            self.__dict__.update(pickle.load(file))
 
 
 def run_rounds(plan: Callable[[list[dict]], list[TrialSettings]], path: str, name: str, resources: dict[str, float],
@@ -388,6 +148,14 @@ def _fit(path: str, name: str, resources: dict[str, float], *, param_space: dict
     if unfinished:  # Tune catches Ctrl+C itself, saves its state and returns
         raise PhaseInterrupted(f"{name}: {len(unfinished)} trial(s) unfinished")
     return grid
+
+
+def known_trial_ids(path: str) -> set[str]:
+    """The ids of every trial Tune recorded in any phase under the study's directory `path`."""
+    if not Path(path).is_dir():
+        return set()
+    return {t.trial_id for phase in sorted(Path(path).iterdir()) if tune.Tuner.can_restore(str(phase))
+            for t in tune.ExperimentAnalysis(str(phase)).trials}
 
 
 def phase_trials(path: str, name: str) -> list[Any]:
