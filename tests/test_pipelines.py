@@ -2,6 +2,9 @@
 bad input, and a train smoke run in a subprocess evaluated by the evaluate pipeline (own models:
 tests/test_own_models.py)."""
 
+import os
+import shlex
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -145,3 +148,11 @@ def test_a_failed_train_ends_its_run_failed_with_the_reason(tmp_path, capsys):
     assert len(err) == 1 and "TrainingDiverged: loss became nan" in err[0]
     (run,) = Tracker(uri, "nslab").find_runs("tags.`nslab.kind` = 'train'")
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("TrainingDiverged")
+
+
+def test_the_printed_ui_command_works_from_a_shell_without_the_venv(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    program, *args = shlex.split(Tracker(uri, "nslab").ui_command())
+    assert os.path.isabs(program) and os.access(program, os.X_OK)  # not a bare `mlflow` that PATH may not have
+    assert os.path.dirname(program) == os.path.dirname(sys.executable)  # the mlflow of nslab's own environment
+    assert args[:3] == ["ui", "--backend-store-uri", uri]
