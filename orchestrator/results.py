@@ -124,23 +124,28 @@ def verdict_sentence(what: str, name: str, baseline: str, robust: PairedDifferen
             f"{missing}")
 
 
+def count(n: int, noun: str) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def decision_words(robust: PairedDifference, margin: float, name: str, baseline: str) -> str:
-    decision, n, m = decide(robust, margin), robust.n, points(margin, sign=False)
+    decision, n, m = decide(robust, margin), count(robust.n, "seed"), points(margin, sign=False)
     if decision == Decision.BEATS:
         small = f", by less than the ±{m}-point margin" if robust.ci95[1] < margin else ""
-        return f"{name} beats {baseline} after {n} seeds{small}"
+        return f"{name} beats {baseline} after {n}{small}"
     if decision == Decision.LOSES:
-        return f"{name} loses to {baseline} after {n} seeds"
+        return f"{name} loses to {baseline} after {n}"
     if decision == Decision.EQUIVALENT:
-        return f"{name} is equivalent to {baseline} within ±{m} points after {n} seeds"
+        return f"{name} is equivalent to {baseline} within ±{m} points after {n}"
+    if robust.n < 2:
+        return f"undecided after {n} (one seed has no interval)"
     needed = seeds_needed(robust)
-    if n < 2:
-        more = "one seed has no interval"
-    elif needed is None:
+    if needed is None:
         more = "an effect this small cannot be told from 0 with any practical number of seeds"
     else:
         more = f"an effect of this size and spread needs about {needed} seeds to exclude 0"
-    return f"undecided after {n} seeds (the interval includes 0 and reaches beyond ±{m} points; {more})"
+    return f"undecided after {n} (the interval includes 0 and reaches beyond ±{m} points; {more})"
 
 
 # ---- the Pareto front ------------------------------------------------------------------------------------

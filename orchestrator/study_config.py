@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from ns_core.attacks import Attack
 from orchestrator.config import ConfigError, Strict, apply_overrides, canonical_path, config_kind, load_config
 from orchestrator.experiment_config import ExperimentConfig, smoke_experiment
+from orchestrator.results import count
 
 VAL_METRICS = ("val/robust_acc", "val/clean_acc", "val/sensitivity_all", "val/sensitivity_selected",
                "val/relative_sensitivity_all")  # reported by every epoch of every trial
@@ -191,7 +192,7 @@ class Arm:
     def describe(self) -> str:
         """'SNS, tuned over 16 trials' / 'an untuned PGD-AT baseline'."""
         name = self.method.upper().replace("_", "-")
-        return f"{name}, tuned over {self.trials} trials" if self.tuned else f"an untuned {name} baseline"
+        return f"{name}, tuned over {count(self.trials, 'trial')}" if self.tuned else f"an untuned {name} baseline"
 
 
 @config_kind("a study config", "python -m pipelines.study")

@@ -76,6 +76,8 @@ def test_one_verdict_sentence_names_what_was_compared_and_says_each_decision():
                              left_out={4: "the sns run failed (TrainingCollapsed)"})
     assert "undecided after 3 seeds" in open_ and f"needs about {seeds_needed(diff(0.02, -0.01, 0.03))} seeds" in open_
     assert open_.endswith("; seed 4 left out: the sns run failed (TrainingCollapsed)")
+    one = verdict_sentence("a vs b", "A", "B", diff(0.05), None, robust_name="r", margin=0.01)
+    assert one.endswith("(1/1 seeds, P(A better) 1.00): undecided after 1 seed (one seed has no interval)")
     assert "no seed finished for both" in verdict_sentence("a vs b", "A", "B", diff(), None, robust_name="r",
                                                            margin=0.01)
 

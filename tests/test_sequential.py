@@ -53,7 +53,7 @@ def verdicts(local_ray, ray_head, tmp_path_factory):
          "pipelines.study", "--config", str(config), "--name", "seq-channels-last", "--tracking-uri", uri],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
     assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, job.stdout[-4000:] + job.stderr[-2000:]
-    assert "undecided after 1 seeds" in job.stdout  # one seed has no interval: a second is added
+    assert "undecided after 1 seed" in job.stdout  # one seed has no interval: a second is added
     assert "verdict (test split, paired by seed):" in job.stdout  # the study's own report, from the job's driver
     (parent,) = Tracker(uri, "sequential").find_runs("tags.`nslab.kind` = 'study'")
     out["channels_last"] = parent, uri
@@ -68,7 +68,7 @@ def test_confirmation_adds_seeds_until_the_answer_is_decided(verdicts):
     assert all(r["robust_diff"] > 0.1 for r in table if r["configuration"] == "sns")  # a gap of tens of points
     verdict = parent.data.tags["mlflow.note.content"]
     assert f"SNS beats STANDARD after {len(seeds)} seeds" in verdict
-    assert "SNS, tuned over 1 trials, vs an untuned STANDARD baseline" in verdict
+    assert "SNS, tuned over 1 trial,, vs an untuned STANDARD baseline" in verdict
 
 
 def test_the_memory_format_changes_the_rounding_not_the_verdict(verdicts):
