@@ -68,7 +68,7 @@ def test_confirmation_adds_seeds_until_the_answer_is_decided(verdicts):
     assert all(r["robust_diff"] > 0.1 for r in table if r["configuration"] == "sns")  # a gap of tens of points
     verdict = parent.data.tags["mlflow.note.content"]
     assert f"SNS beats STANDARD after {len(seeds)} seeds" in verdict
-    assert "SNS, tuned over 1 trial,, vs an untuned STANDARD baseline" in verdict
+    assert "SNS, tuned over 1 trial, vs an untuned STANDARD baseline" in verdict
 
 
 def test_the_memory_format_changes_the_rounding_not_the_verdict(verdicts):
