@@ -10,6 +10,7 @@ and PYTHONPATH with this folder (tests/user_models.py is a researcher's own mode
 """
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -47,6 +48,16 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def drop_cli_log_handlers():
+    """A pipeline's main() run in this process points the root logger at the test's captured stderr, which
+    pytest closes after the test: drop that handler, or every later log line prints 'Logging error'."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:  # not pytest's own subclasses
+        root.removeHandler(handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
