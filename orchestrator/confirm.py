@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from orchestrator.results import Status, failure_kind, finite, fmt, pct, points, rows_table, verdict_sentence
+from orchestrator.results import Status, count, failure_kind, finite, fmt, pct, points, rows_table, verdict_sentence
 from orchestrator.stats import Decision, PairedDifference, decide, paired_difference, probability_of_improvement
 from orchestrator.study_config import Arm, StudyFile
 from orchestrator.trials import Record, Role, TrialSettings
@@ -166,10 +166,11 @@ def plan_round(study: StudyFile, configurations: list[Configuration], record: Re
         confirmation = summarize(study, rows, configurations, 0)
         seeds = next_seeds(study, confirmation)
         if seeds:
-            log.info("undecided after %d seeds (%s): adding seed(s) %s", len(confirmation.seeds), "; ".join(
-                f"{c.configuration.name} {points(c.robust.mean)}, 95% CI {points(c.robust.ci95[0])} to "
-                f"{points(c.robust.ci95[1])}" for c in confirmation.comparisons if c.decision == Decision.UNDECIDED),
-                seeds)
+            log.info("undecided after %s (%s): adding seed(s) %s", count(len(confirmation.seeds), "seed"),
+                     "; ".join(f"{c.configuration.name} {points(c.robust.mean)}, " + (
+                         f"95% CI {points(c.robust.ci95[0])} to {points(c.robust.ci95[1])}" if c.robust.n > 1
+                         else "one seed has no interval")
+                         for c in confirmation.comparisons if c.decision == Decision.UNDECIDED), seeds)
     else:
         seeds = study.confirm_seeds()
     suite = tuple(study.confirm.attacks) if study.confirm.attacks else None
