@@ -20,10 +20,10 @@ setup: $(STAMP)
 demo: setup
 	$(PY) -m pipelines.study --config configs/study/quick.yaml
 
-# Two workers, one test file each at a time (module fixtures stay in one process): most of a slow test's time is
-# spent waiting on Ray, a server or a subprocess, so two share 2 cores well.
+# Two workers, one test file each at a time (module fixtures stay in one process), the longest files first
+# (tests/conftest.py): much of a slow test's time is spent waiting on Ray, a server or a subprocess.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile tests --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests --durations=15
 
 # The edit loop: no Ray, no subprocess, no training beyond a few steps (a test that starts one fails there).
 test-fast: setup
