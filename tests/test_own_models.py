@@ -19,6 +19,7 @@ from pipelines import analyze, study, train
 
 QUICK = str(REPO / "configs" / "experiment" / "quick.yaml")
 RESNET = ["--set", "model=torchvision.models:resnet18", "--set", "dataset=digits", "--set", "data.val_size=null",
+          "--set", "data.train_limit=128",
           "--set", "attack.eps=0.1", "--set", "eval.attacks=[{name: pgd, eps: 0.1, steps: 2}]"]
 OWN = ["--set", "model=user_models:tiny_cnn_no_layers", "--set", "dataset=user_models:blobs", "--set",
        "data.val_size=null", "--set", "attack.eps=0.1", "--set", "eval.attacks=[{name: pgd, eps: 0.1, steps: 2}]"]
