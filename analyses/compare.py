@@ -17,9 +17,9 @@ import pyarrow as pa
 
 from analyses.loading import Loaded, check_layers, dataset_of, same_data, subtitle
 from analyses.plots import compare_distribution_figure, compare_means_figure
-from analyses.report import ReportWriter
+from analyses.writer import ReportWriter
 from ns_core.interpret import compare_models
-from orchestrator.tracking import git_commit
+from orchestrator.record.tracking import git_commit
 
 log = logging.getLogger(__name__)
 

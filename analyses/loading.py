@@ -22,8 +22,8 @@ from ns_core.checkpoint import load_model, load_weights
 from ns_core.data import DatasetSplits
 from ns_core.models import create_model, studied_layers
 from ns_core.utils import pick_device
-from orchestrator.config import apply_overrides, validate
-from orchestrator.experiment_config import ExperimentConfig
+from orchestrator.config.experiment import ExperimentConfig
+from orchestrator.config.loader import apply_overrides, validate
 from orchestrator.run import load_data
 
 

@@ -21,17 +21,17 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from analyses.config import MethodsConfig
 from analyses.plots import methods_figure
-from analyses.report import ReportWriter
-from orchestrator.config import settings_text
-from orchestrator.ray_runtime import trial_resources
+from analyses.writer import ReportWriter
+from orchestrator.config.analysis import MethodsConfig
+from orchestrator.config.loader import settings_text
+from orchestrator.execution.phases import TrialLog, result_status, run_fixed
+from orchestrator.execution.ray_session import trial_resources
+from orchestrator.execution.trainable import STATE_FILE
+from orchestrator.execution.trial_settings import Record, Role, TrialSettings
+from orchestrator.record.tracking import config_hash, git_commit
 from orchestrator.results import Status, mean_std, rows_table, verdict_sentence
-from orchestrator.stats import decide, paired_difference, probability_of_improvement
-from orchestrator.tracking import config_hash, git_commit
-from orchestrator.trial import STATE_FILE
-from orchestrator.trials import Record, Role, TrialSettings
-from orchestrator.tuning import TrialLog, result_status, run_fixed
+from orchestrator.study.decision import decide, paired_difference, probability_of_improvement
 
 log = logging.getLogger(__name__)
 METRICS = ("clean_acc", "robust_acc", "sensitivity_all", "relative_sensitivity_all")
@@ -70,7 +70,7 @@ def summarize(per_seed: list[dict], labels: list[str]) -> list[dict]:
 def paired_differences(per_seed: list[dict], pairs: list[tuple[str, str]],
                        margin: float = 0.01) -> tuple[list[dict], list[dict]]:
     """Per seed a - b for each metric (seeds where both completed), and their mean, std, 95% CI, wins, paired
-    bootstrap probability and decision (orchestrator/stats.py)."""
+    bootstrap probability and decision (orchestrator/study/decision.py)."""
     by = {(r["method"], r["seed"]): r for r in per_seed if r["status"] == Status.COMPLETE}
     rows, summary = [], []
     for a, b in pairs:

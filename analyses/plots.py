@@ -1,5 +1,5 @@
 """The analysis reports' figures: matplotlib `Figure` objects (Agg, no pyplot state), one per function.
-(The study's own plots, the Pareto front among them, are in orchestrator/plots.py.)
+(The study's own plots, the Pareto front among them, are in orchestrator/record/figures.py.)
 
 Every figure says what it compares in its title, names dataset / model / attack in a second title
 line, labels its axes with units, and has a legend. Accuracies are drawn in percent.

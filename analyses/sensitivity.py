@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from analyses.loading import Loaded, check_layers, dataset_of, subtitle
-from analyses.report import ReportWriter
+from analyses.writer import ReportWriter
 from ns_core.attacks import Attack
 from ns_core.evaluation import evaluate_robustness
 from ns_core.interpret import attack_batches
 from ns_core.sensitivity import measure_sensitivity
-from orchestrator.plots import sensitivity_figure
-from orchestrator.tracking import git_commit
+from orchestrator.record.figures import sensitivity_figure
+from orchestrator.record.tracking import git_commit
 
 log = logging.getLogger(__name__)
 TOP_SCHEMA = pa.schema([("layer", pa.string()), ("rank", pa.int32()), ("neuron", pa.int32()),

@@ -19,10 +19,10 @@ import torch
 
 from analyses.loading import Loaded, check_layers, dataset_of, same_data, subtitle
 from analyses.plots import stabilize_figure
-from analyses.report import ReportWriter
+from analyses.writer import ReportWriter
 from ns_core.interpret import DEFAULT_FRACTIONS, attack_batches, stabilize_curve
 from ns_core.sensitivity import measure_sensitivity
-from orchestrator.tracking import git_commit
+from orchestrator.record.tracking import git_commit
 
 log = logging.getLogger(__name__)
 

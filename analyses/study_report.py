@@ -21,12 +21,12 @@ import pyarrow as pa
 from scipy.stats import spearmanr
 
 from analyses.plots import study_maps_figure, study_scatter_figure
-from analyses.report import ReportWriter
-from orchestrator.plots import pareto_figure
+from analyses.writer import ReportWriter
+from orchestrator.execution.trainable import ARM_TAG, ROLE_TAG
+from orchestrator.record.figures import pareto_figure
+from orchestrator.record.tracking import PARENT_TAG, Tracker, git_commit
 from orchestrator.results import Status, objective_points, pareto_mask, run_status
-from orchestrator.study import STUDY_TAG
-from orchestrator.tracking import PARENT_TAG, Tracker, git_commit
-from orchestrator.trial import ARM_TAG, ROLE_TAG
+from orchestrator.study.driver import STUDY_TAG
 
 log = logging.getLogger(__name__)
 SENSITIVITIES = ("sensitivity_all", "relative_sensitivity_all")

@@ -44,8 +44,8 @@ def workload(ctx: Context) -> dict:
 
 def make_study(ctx: Context, trials: int, concurrency: int, root: Path):
     """configs/study/quick.yaml with `workload`, K fixed points, and tracking/storage under `root`."""
-    from orchestrator.config import apply_overrides
-    from orchestrator.study_config import load_study, resolve_locations
+    from orchestrator.config.loader import apply_overrides
+    from orchestrator.config.study import load_study, resolve_locations
 
     study = load_study(STUDY_CONFIG)
     study.experiment = apply_overrides(study.experiment, workload(ctx))
@@ -62,11 +62,11 @@ def make_study(ctx: Context, trials: int, concurrency: int, root: Path):
 
 def run_study_once(study) -> dict:
     """Start a local Ray, run the study, shut Ray down; seconds of each part and each trial's row."""
-    from orchestrator.ray_runtime import ray_session
+    from orchestrator.execution.ray_session import ray_session
 
     start = time.perf_counter()
     with ray_session():
-        from orchestrator.study import run_study
+        from orchestrator.study.driver import run_study
 
         ray_up = time.perf_counter()
         inside = time.perf_counter()
@@ -84,7 +84,7 @@ def run_bare_once(study) -> list[dict]:
     """The same experiments as the study's trials, back to back in this process; seconds per training."""
     from ns_core.objectives import TrainingCollapsed
     from ns_core.training import TrainingDiverged
-    from orchestrator.config import apply_overrides
+    from orchestrator.config.loader import apply_overrides
     from orchestrator.run import build_trainer
 
     out = []
@@ -103,10 +103,10 @@ def warm_up(study) -> None:
     """Untimed: the driver's imports, the MLflow store (a user's mlflow.db already exists) and one tiny
     training in this process, so neither variant pays one-time costs the other does not."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import orchestrator.study  # noqa: F401  (Ray Tune, Optuna)
-    from orchestrator.experiment_config import smoke_experiment
+    import orchestrator.study.driver  # noqa: F401  (Ray Tune, Optuna)
+    from orchestrator.config.experiment import smoke_experiment
+    from orchestrator.record.tracking import Tracker
     from orchestrator.run import build_trainer
-    from orchestrator.tracking import Tracker
 
     Tracker(study.tracking.uri, study.tracking.experiment)
     build_trainer(smoke_experiment(study.experiment)).fit()

@@ -62,7 +62,7 @@ def run(ctx: Context) -> dict:
                        "run_study_only": _median(inside), "finished_trials": done})
     checks.append(_time_split(case["case"], runs))
     notes = ["speedup = paired ratio of study wall times at concurrency 1 and 2 (ideal 2 on 2 free cores)",
-             "each trial: resources.cpu = 1 and torch.set_num_threads(1) (orchestrator.trial)",
+             "each trial: resources.cpu = 1 and torch.set_num_threads(1) (orchestrator.execution.trainable)",
              "time split: median per-trial training seconds at c1 and c2 (contention) and the seconds of each "
              "study's wall time not spent inside a training (fixed cost: Ray, Tune, MLflow, driver)"]
     return result(ctx, NAME, "study throughput at concurrency 1 vs 2", [case], notes, time.perf_counter() - start,

@@ -26,8 +26,8 @@ POINTS = [(0.3, 0.2, 1), (0.1, 0.3, 2), (0.5, 0.1, 3), (0.05, 0.25, 2), (0.2, 0.
 
 
 def make_study(ctx: Context, root: Path, share: bool, trials: int):
-    from orchestrator.config import apply_overrides
-    from orchestrator.study_config import ParamSpec, load_study, resolve_locations
+    from orchestrator.config.loader import apply_overrides
+    from orchestrator.config.study import ParamSpec, load_study, resolve_locations
 
     study = load_study(REPO / "configs" / "study" / "quick.yaml")
     epochs = ctx.pick(2, 4, 10)
@@ -51,11 +51,11 @@ def make_study(ctx: Context, root: Path, share: bool, trials: int):
 
 
 def run_once(study) -> dict:
-    from orchestrator.ray_runtime import ray_session
+    from orchestrator.execution.ray_session import ray_session
 
     start = time.perf_counter()
     with ray_session():
-        from orchestrator.study import run_study
+        from orchestrator.study.driver import run_study
 
         outcome = run_study(study, f"bench-{uuid.uuid4().hex[:8]}")
     warmups = [r["param.sns.warmup_epochs"] for r in outcome.rows if r["role"] == "search"]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ns_core.cas import install_cas
 from ns_core.models import create_model
 from ns_core.utils import pick_device
 
@@ -123,6 +124,7 @@ def load_model(path: str | Path, device: str = "auto", fallback: bool = False) -
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: its metadata lacks {err}; it is damaged, re-run the "
                               "training") from None
+    _reinstall_cas(model, meta)
     missing, unexpected = _state_mismatch(model, state["model"])
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path}: its weights do not fit a {meta['model']} for input "
@@ -134,6 +136,13 @@ def load_model(path: str | Path, device: str = "auto", fallback: bool = False) -
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise CheckpointError(f"checkpoint {path}: its weights do not fit a {meta['model']} ({first})") from None
     return model.to(target).eval(), meta
+
+
+def _reinstall_cas(model: nn.Module, meta: dict[str, Any]) -> None:
+    """CAS changes the forward (ns_core/cas.py): its heads and hooks go back on, on the layers the metadata
+    names (`Objective.prepare_model` recorded them), before the weights load."""
+    if meta.get("cas"):
+        install_cas(model, meta["num_classes"], meta["cas"]["layers"])
 
 
 def load_weights(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> nn.Module:

@@ -1,14 +1,20 @@
-"""Training objectives: standard, PGD-AT, fast AT, TRADES and SNS (sensitive neuron stabilizing).
+"""Training objectives: standard, PGD-AT, fast AT, TRADES, MART, CAS and SNS (sensitive neuron stabilizing).
 
 An objective does two things per batch, and the Trainer owns everything else (zero_grad, step, AMP,
-schedules); between epochs it may re-select neurons and check itself for collapse:
+schedules); before training it may change the model (CAS adds heads), between epochs it may re-select
+neurons and check itself for collapse:
 
+    metadata = objective.prepare_model(model, input_shape, num_classes)   # {} unless it changes the model
     x_adv = objective.craft(model, x, y, generator)     # None for standard training
     loss, parts = objective.loss(model, x, y, x_adv)    # parts: detached scalars to log
     objective.on_epoch_start(model, epoch, probe, generator); objective.check(history, num_classes)
 
-The Trainer asks the objective what it needs to know (`watched_layers`, `selected_neurons`,
+The Trainer asks the objective what it needs to know (`prepare_model`, `watched_layers`, `selected_neurons`,
 `regularizer_active`, `params`), never its class.
+
+MART (Wang et al. 2020) reweights TRADES' KL term per example by how wrong the clean prediction is and
+replaces its clean cross-entropy with a boosted one on x'. CAS (Bai et al. 2021) lives mostly in the model
+(ns_core/cas.py): PGD-AT on the CAS forward plus the mean cross-entropy of its channel heads.
 
 SNS adds to its base loss (PGD-AT, fast AT or TRADES) lambda * sum_l mean_{m in S_l} d(F_l^m(x), F_l^m(x'))
 over the sensitive set S_l of each chosen layer. The activations come from hooks on the forward passes
@@ -34,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ns_core.attacks import Attack, projected_ascent
+from ns_core.cas import cas_forward, install_cas
 from ns_core.models import studied_layers
 from ns_core.registry import Registry
 from ns_core.sensitivity import ActivationCapture, SensitivityMap, measure_sensitivity
@@ -88,6 +95,11 @@ class Objective:
     """What every objective answers; the defaults fit an objective with no regularizer and no state."""
 
     name = "objective"
+
+    def prepare_model(self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
+        """Change `model` in place before its optimizer is built (CAS installs its heads); returns what a
+        checkpoint's metadata needs to rebuild the changed model (ns_core/checkpoint.py), {} when nothing changed."""
+        return {}
 
     def craft(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
         return None
@@ -249,6 +261,96 @@ class TRADES(BaseLoss):
 
 
 @dataclass
+class MART(BaseLoss):
+    """Wang et al. 2020 ("Improving adversarial robustness requires revisiting misclassified examples";
+    YisenWang/MART mart.py), x' from the training attack (PGD on cross-entropy, as PGD-AT):
+
+        L = BCE(f(x'), y) + beta * mean_i KL(p(x_i) || p(x'_i)) * (1 - p_y(x_i)),
+        BCE(f(x'), y) = CE(f(x'), y) - log(1 - max_{k != y} p_k(x'))
+
+    Computed in log space (log(1 - p_k) = logsumexp over the other classes - logsumexp over all; 1 - p_y as
+    -expm1(log p_y)), so the reference's guards against log(0) (1.0001, 1e-12, 1.0000001) are not needed and an
+    example the model gets fully right (p_y = 1) weighs exactly 0 in the KL term. As in the reference the
+    weight 1 - p_y(x) is not detached."""
+
+    attack: Attack = field(default_factory=lambda: Attack("pgd", 0.3))
+    beta: float = 6.0
+    eps_ramp_epochs: int = 0
+    name = "mart"
+    uses_clean_logits = True
+
+    def loss_from_logits(self, logits_adv, logits_clean, y):
+        log_adv = F.log_softmax(logits_adv, dim=1)  # (B, K)
+        true = F.one_hot(y, log_adv.shape[1]).bool()  # (B, K)
+        runner_up = log_adv.masked_fill(true, float("-inf")).argmax(1, keepdim=True)  # (B, 1) best wrong class of x'
+        others = log_adv.masked_fill(F.one_hot(runner_up.squeeze(1), log_adv.shape[1]).bool(), float("-inf"))
+        boost = -torch.logsumexp(others, dim=1)  # (B,) -log(1 - p_runner_up(x'))
+        ce_adv = F.nll_loss(log_adv, y)
+        bce = ce_adv + boost.mean()
+        log_clean = F.log_softmax(logits_clean, dim=1)  # (B, K)
+        kl = (log_clean.exp() * (log_clean - log_adv)).sum(1)  # (B,) KL(p(x) || p(x'))
+        weight = -torch.expm1(log_clean.gather(1, y[:, None]).squeeze(1))  # (B,) 1 - p_y(x)
+        robust = (kl * weight).mean()
+        return bce + self.beta * robust, {"ce_adv": ce_adv.detach(), "bce_adv": bce.detach(),
+                                          "kl_weighted": robust.detach()}
+
+    def params(self, model):
+        return {**super().params(model), "mart.beta": self.beta}
+
+
+@dataclass
+class CAS(Objective):
+    """Channel-wise activation suppressing (Bai et al. 2021; bymavis/CAS_ICLR2021 train.py) on PGD-AT:
+
+        L = CE(f(x'), y) + beta * mean_l CE(h_l(x'), y)
+
+    over the CAS layers l, where h_l is layer l's head and f's forward suppresses each CAS layer's channels with
+    the head's weight row of the true label (ns_core/cas.py). One forward: the heads' logits come from the same
+    training forward of x'. x' is the base's training attack on the model's test-time (eval, predicted-label)
+    forward; the reference's attack also adds beta x the heads' cross-entropy to the loss it ascends: here
+    CAS and PGD-AT share their adversary, so they differ only by the model change and the head loss. The
+    layers: `layers`, else the model's default_layers, else proposed ones; the last entries of a deep network
+    are where the paper puts CAS (its ResNet-18: the blocks of layer4), so name them for large models."""
+
+    base: PGDAT = field(default_factory=PGDAT)
+    beta: float = 2.0
+    layers: list[str] | None = None
+    name = "cas"
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise ValueError(f"cas beta must be >= 0, got {self.beta}")
+
+    def prepare_model(self, model, input_shape, num_classes):
+        heads = install_cas(model, num_classes, self.layers, input_shape=input_shape)
+        return {"cas": {"layers": list(heads.layers)}}
+
+    def watched_layers(self, model):
+        """The CAS layers: the activations it changes (also what preflight checks and feature_pgd attacks)."""
+        return studied_layers(model, self.layers)
+
+    def on_epoch_start(self, model, epoch, probe, generator=None):
+        return self.base.on_epoch_start(model, epoch, probe, generator)
+
+    def craft(self, model, x, y, generator=None):
+        return self.base.craft(model, x, y, generator)
+
+    def loss(self, model, x, y, x_adv):
+        with cas_forward(model, y) as head_logits:
+            logits_adv = model(x_adv)
+        base, parts = self.base.loss_from_logits(logits_adv, None, y)
+        heads = sum(F.cross_entropy(logits, y) for logits in head_logits.values()) / len(head_logits)
+        return base + self.beta * heads, {**parts, "cas_ce": heads.detach()}
+
+    def check(self, history, num_classes):
+        self.base.check(history, num_classes)
+
+    def params(self, model):
+        return {**self.base.params(model), "method": "cas", "cas.beta": self.beta,
+                "cas.layers": self.watched_layers(model)}
+
+
+@dataclass
 class SNS(Objective):
     """Sensitive neuron stabilizing on top of a PGD-AT, fast AT or TRADES base loss."""
 
@@ -368,6 +470,16 @@ def _fast_at(attack: Attack, eps_ramp_epochs: int = 0) -> FastAT:
 @OBJECTIVES.register("trades")
 def _trades(attack: Attack, beta: float = 6.0, eps_ramp_epochs: int = 0) -> TRADES:
     return TRADES(attack, beta, eps_ramp_epochs)
+
+
+@OBJECTIVES.register("mart")
+def _mart(attack: Attack, beta: float = 6.0, eps_ramp_epochs: int = 0) -> MART:
+    return MART(attack, beta, eps_ramp_epochs)
+
+
+@OBJECTIVES.register("cas")
+def _cas(attack: Attack, beta: float = 2.0, layers: list[str] | None = None, eps_ramp_epochs: int = 0) -> CAS:
+    return CAS(PGDAT(attack, eps_ramp_epochs), beta, layers)
 
 
 @OBJECTIVES.register("sns")

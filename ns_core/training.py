@@ -1,4 +1,4 @@
-"""The Trainer: epochs of an objective (standard, PGD-AT, fast AT, TRADES, SNS), validated every epoch.
+"""The Trainer: epochs of an objective (standard, PGD-AT, fast AT, TRADES, MART, CAS, SNS), validated every epoch.
 
 Each epoch it reports, on the validation split (never the test split): clean and robust accuracy under
 the validation attack, the mean neuron sensitivity measured on those same pairs (all neurons, the
@@ -103,6 +103,8 @@ class Trainer:
         self.num_classes = data.num_classes
         self.callbacks = list(callbacks)
         self.metadata = dict(metadata or {})
+        # before the optimizer: what the objective adds to the model (CAS's heads) trains and is saved with it
+        self.metadata.update(objective.prepare_model(self.model, tuple(data.input_shape), data.num_classes))
         self.layers = objective.watched_layers(self.model)
         self.probe = self.train_split.take(config.probe_size)
         self.generator = make_generator(config.seed, self.device)

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ns_core.objectives import CatastrophicOverfitting, TrainingCollapsed
 from ns_core.training import TrainingDiverged
-from orchestrator.stats import Decision, PairedDifference, decide, probability_of_improvement, seeds_needed
+from orchestrator.study.decision import Decision, PairedDifference, decide, probability_of_improvement, seeds_needed
 
 
 class Status(StrEnum):

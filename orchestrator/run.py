@@ -37,9 +37,9 @@ from ns_core.models import create_model, studied_layers
 from ns_core.sensitivity import SensitivityMap, measure_sensitivity
 from ns_core.training import Trainer
 from ns_core.utils import make_generator, seed_everything
-from orchestrator.experiment_config import ExperimentConfig
-from orchestrator.plots import sensitivity_figure
-from orchestrator.tracking import Tracker
+from orchestrator.config.experiment import ExperimentConfig
+from orchestrator.record.figures import sensitivity_figure
+from orchestrator.record.tracking import Tracker
 
 log = logging.getLogger(__name__)
 FAILURE_TAG = "failure_reason"

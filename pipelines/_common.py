@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.config import ConfigError
+from orchestrator.config.loader import ConfigError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -112,7 +112,7 @@ def run_cli(body: Callable[[list[str] | None], int], argv: list[str] | None) -> 
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        from orchestrator.tracking import tracking_error
+        from orchestrator.record.tracking import tracking_error
 
         message = tracking_error(err)
         if message is None:

@@ -25,12 +25,12 @@ import tempfile
 from pathlib import Path
 
 from analyses.compare import CompareOptions, compare_report
-from analyses.config import load_methods_config
 from analyses.loading import check_layers, load_checkpoints, same_data
-from analyses.report import ReportWriter
 from analyses.stabilize import StabilizeOptions, stabilize_report
+from analyses.writer import ReportWriter
+from orchestrator.config.analysis import load_methods_config
+from orchestrator.record.tracking import Tracker, resolve_tracking_uri
 from orchestrator.results import Status
-from orchestrator.tracking import Tracker, resolve_tracking_uri
 from pipelines._common import (
     Parser,
     Timer,
@@ -147,8 +147,8 @@ def make_writer(args, tracking=None) -> ReportWriter:
 
 def smoke_checkpoints(directory: Path) -> list[str]:
     """Two seconds-trained LeNet-5 checkpoints (standard, PGD-AT) for --smoke-test without --checkpoints."""
-    from orchestrator.config import validate
-    from orchestrator.experiment_config import ExperimentConfig
+    from orchestrator.config.experiment import ExperimentConfig
+    from orchestrator.config.loader import validate
     from orchestrator.run import build_trainer
 
     paths = []
@@ -169,7 +169,7 @@ def smoke_checkpoints(directory: Path) -> list[str]:
 
 def run_methods_command(args) -> int:
     from analyses.methods import format_table, run_methods
-    from orchestrator.ray_runtime import ray_session
+    from orchestrator.execution.ray_session import ray_session
 
     config = load_methods_config(args.config)
     if args.smoke_test:
@@ -292,7 +292,7 @@ def run_study_command(args) -> int:
 
     name, experiment = args.name, args.study_experiment
     if args.config:
-        from orchestrator.study_config import load_study
+        from orchestrator.config.study import load_study
 
         study = load_study(args.config)
         name, experiment = name or study.study.name, experiment or study.tracking.experiment

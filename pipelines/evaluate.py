@@ -59,8 +59,8 @@ def _main(argv: list[str] | None) -> int:
     attacks = [Attack.parse(a) for a in args.attacks or []]
     examples = args.examples
     if args.config:
-        from orchestrator.config import load_config
-        from orchestrator.experiment_config import ExperimentConfig
+        from orchestrator.config.experiment import ExperimentConfig
+        from orchestrator.config.loader import load_config
 
         experiment = load_config(args.config, ExperimentConfig)
         attacks = attacks or experiment.final_suite()
@@ -89,11 +89,11 @@ def _evaluate(args, checkpoint: Path, attacks: list, examples: int | None) -> in
     from ns_core.attacks import check_threat_model
     from ns_core.checkpoint import load_model
     from ns_core.evaluation import evaluate_robustness
-    from orchestrator.artifacts import write_table
-    from orchestrator.config import apply_overrides, validate
-    from orchestrator.experiment_config import ExperimentConfig
+    from orchestrator.config.experiment import ExperimentConfig
+    from orchestrator.config.loader import apply_overrides, validate
+    from orchestrator.record.artifacts import write_table
+    from orchestrator.record.tracking import Tracker, git_commit, resolve_tracking_uri
     from orchestrator.run import final_suite, load_data, record_failure, record_report
-    from orchestrator.tracking import Tracker, git_commit, resolve_tracking_uri
 
     timer = Timer()
     model, meta = load_model(checkpoint, args.device)
@@ -138,8 +138,8 @@ def _evaluate(args, checkpoint: Path, attacks: list, examples: int | None) -> in
 
 def _throwaway_checkpoint(directory: Path) -> Path:
     """--smoke-test without --checkpoint: one epoch of standard training on 256 digits."""
-    from orchestrator.config import validate
-    from orchestrator.experiment_config import ExperimentConfig, smoke_experiment
+    from orchestrator.config.experiment import ExperimentConfig, smoke_experiment
+    from orchestrator.config.loader import validate
     from orchestrator.run import build_trainer
 
     experiment = smoke_experiment(validate(ExperimentConfig, {

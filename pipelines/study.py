@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import parse_set, settings_text
-from orchestrator.study_config import StudyFile, load_study, smoke_study
+from orchestrator.config.loader import parse_set, settings_text
+from orchestrator.config.study import StudyFile, load_study, smoke_study
 from pipelines._common import (
     EXIT_INTERRUPTED,
     Parser,
@@ -97,7 +97,7 @@ def load(args) -> tuple[StudyFile, dict[str, Any], str]:
     launch = {"config": str(Path(args.config).resolve()), "overrides": overrides, "origins": origins,
               "smoke": bool(args.smoke_test)}
     if args.resume or args.confirm_only:
-        from orchestrator.study import read_launch, study_dir
+        from orchestrator.study.driver import read_launch, study_dir
 
         started = read_launch(study_dir(study, name))
         if started is None:
@@ -148,8 +148,8 @@ def _main(argv: list[str] | None) -> int:
         if found.proposed:
             print(f"{arm} arm: layers {found.layers} proposed by nslab (set experiment.sns.layers to choose)")
 
-    from orchestrator.ray_runtime import ray_session
-    from orchestrator.study import run_study  # imports Ray Tune: after ray_session set the environment
+    from orchestrator.execution.ray_session import ray_session
+    from orchestrator.study.driver import run_study  # imports Ray Tune: after ray_session set the environment
 
     try:
         with ray_session(args.address):
@@ -159,7 +159,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"\ninterrupted; the study's state is saved. Continue with:\n  {prog('study')} --config "
               f"{args.config} --name {name} --resume", flush=True)
         return EXIT_INTERRUPTED
-    from orchestrator.report import console_text
+    from orchestrator.record.summary import console_text
 
     print(console_text(study, outcome))
     return 0

@@ -18,8 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from orchestrator.config import load_config, parse_set, settings_text
-from orchestrator.experiment_config import ExperimentConfig, smoke_experiment
+from orchestrator.config.experiment import ExperimentConfig, smoke_experiment
+from orchestrator.config.loader import load_config, parse_set, settings_text
 from pipelines._common import (
     Parser,
     Timer,
@@ -54,8 +54,8 @@ def _main(argv: list[str] | None) -> int:
     if args.smoke_test:
         experiment = smoke_experiment(experiment)
     name = args.name or experiment.name + ("-smoke" if args.smoke_test else "")
+    from orchestrator.record.tracking import resolve_tracking_uri
     from orchestrator.run import preflight
-    from orchestrator.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     checkpoint = Path(args.runs_dir).expanduser().resolve() / name / "checkpoint.pt"
@@ -83,8 +83,8 @@ def _main(argv: list[str] | None) -> int:
 
     from ns_core.objectives import TrainingCollapsed
     from ns_core.training import TrainingDiverged
+    from orchestrator.record.tracking import Tracker, config_hash, git_commit
     from orchestrator.run import run_experiment
-    from orchestrator.tracking import Tracker, config_hash, git_commit
 
     tracker = Tracker(uri, args.experiment_name)
     config = experiment.model_dump(mode="json")

@@ -30,8 +30,8 @@ os.environ["NSLAB_MEMORY_FORMAT"] = os.environ.get("NSLAB_MEMORY_FORMAT") or "co
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
 FAST = os.environ.get("NSLAB_TEST_TIER") == "fast"
 
-from orchestrator.config import apply_overrides, load_config  # noqa: E402
-from orchestrator.experiment_config import ExperimentConfig  # noqa: E402
+from orchestrator.config.experiment import ExperimentConfig  # noqa: E402
+from orchestrator.config.loader import apply_overrides, load_config  # noqa: E402
 from orchestrator.run import build_trainer  # noqa: E402
 
 torch.set_num_threads(1)  # deterministic speed on a shared 2-core box; Ray trials set their own
@@ -151,7 +151,7 @@ def trained_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def local_ray():
     """One local Ray (2 CPUs, 127.0.0.1) for every in-process study of the session."""
-    from orchestrator.ray_runtime import ray_session
+    from orchestrator.execution.ray_session import ray_session
 
     with ray_session(num_cpus=2):
         yield

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from conftest import TINY_STUDY, subprocess_env
 
-from orchestrator.tracking import Tracker
+from orchestrator.record.tracking import Tracker
 
 
 def write_study(tmp_path: Path, uri: str, name: str = "study.yaml", **blocks) -> Path:

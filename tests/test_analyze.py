@@ -11,8 +11,8 @@ from PIL import Image
 
 from analyses.methods import paired_differences, summarize
 from ns_core.sensitivity import SensitivityMap
+from orchestrator.record.tracking import Tracker
 from orchestrator.results import rows_table
-from orchestrator.tracking import Tracker
 from pipelines.analyze import main
 
 

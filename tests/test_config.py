@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analyses.config import load_methods_config
 from ns_core.attacks import Attack
 from ns_core.objectives import OBJECTIVES
-from orchestrator.config import ConfigError, apply_overrides, canonical_path, load_config, parse_set
-from orchestrator.experiment_config import ExperimentConfig, smoke_experiment
-from orchestrator.study_config import ParamSpec, load_study, smoke_study
+from orchestrator.config.analysis import load_methods_config
+from orchestrator.config.experiment import ExperimentConfig, smoke_experiment
+from orchestrator.config.loader import ConfigError, apply_overrides, canonical_path, load_config, parse_set
+from orchestrator.config.study import ParamSpec, load_study, smoke_study
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "configs" / "experiment").glob("*.yaml"))

@@ -268,8 +268,8 @@ def check_nslab_command(argv: list[str]) -> tuple[str, Any]:
     if config is not None:
         assert (REPO / config).is_file(), f"--config {config} does not exist in the repository"
         if module == "study":
-            from orchestrator.config import load_config
-            from orchestrator.study_config import StudyFile
+            from orchestrator.config.loader import load_config
+            from orchestrator.config.study import StudyFile
 
             return module, (args, load_config(REPO / config, StudyFile))
     return module, (args, None)

@@ -20,14 +20,14 @@ import yaml
 from conftest import REPO, run_module, subprocess_env
 from fault_injection import epochs_logged, finish, kill_group, runs, start, wait_for, write_study
 
-from orchestrator.tracking import Tracker
+from orchestrator.record.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 
 
 WRITER = """
 import sys
-from orchestrator.tracking import Tracker
+from orchestrator.record.tracking import Tracker
 from pipelines import tracking_server, train
 tracker = Tracker(sys.argv[1], "nslab")
 run = tracker.start_run("writer", tags={"nslab.kind": "train"})
@@ -49,8 +49,8 @@ def test_several_writers_open_a_new_sqlite_store_at_once(tmp_path):
 def test_a_trial_worker_killed_mid_epoch_is_retried_into_its_own_run(local_ray, tmp_path):
     """The study runs in this process's Ray; a thread kills its trial's worker process (SIGKILL, by the PID its
     run records) in the middle of its third epoch."""
-    from orchestrator.study import run_study
-    from orchestrator.study_config import load_study
+    from orchestrator.config.study import load_study
+    from orchestrator.study.driver import run_study
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = write_study(tmp_path, uri, study={"trials": 1, "max_failures": 2}, confirm=None, baseline=None,

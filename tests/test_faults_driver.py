@@ -6,7 +6,7 @@ import json
 import pytest
 from fault_injection import epochs_logged, finish, kill_group, runs, start, wait_for, write_study
 
-from orchestrator.tracking import Tracker
+from orchestrator.record.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from ns_core.evaluation import CHECK_SCHEMA
 from ns_core.evaluation import SCHEMA as EVAL_SCHEMA
 from ns_core.models import create_model
 from ns_core.sensitivity import SENSITIVITY_SCHEMA
-from orchestrator.tracking import Tracker
+from orchestrator.record.tracking import Tracker
 from pipelines import analyze, study, train
 
 QUICK = str(REPO / "configs" / "experiment" / "quick.yaml")

@@ -12,7 +12,7 @@ from conftest import REPO, run_module
 
 from ns_core.evaluation import CHECK_SCHEMA
 from ns_core.evaluation import SCHEMA as EVAL_SCHEMA
-from orchestrator.tracking import Tracker
+from orchestrator.record.tracking import Tracker
 from pipelines import _common, analyze, cli, evaluate, study, tracking_server, train
 
 

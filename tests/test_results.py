@@ -7,7 +7,7 @@ import pytest
 import yaml
 from conftest import TINY_STUDY
 
-from orchestrator.confirm import Configuration, next_seeds, summarize
+from orchestrator.config.study import load_study
 from orchestrator.results import (
     Status,
     failure_kind,
@@ -21,8 +21,8 @@ from orchestrator.results import (
     run_status,
     verdict_sentence,
 )
-from orchestrator.stats import Decision, decide, paired_difference, probability_of_improvement, seeds_needed
-from orchestrator.study_config import load_study
+from orchestrator.study.confirmation import Configuration, next_seeds, summarize
+from orchestrator.study.decision import Decision, decide, paired_difference, probability_of_improvement, seeds_needed
 
 
 def diff(*values: float):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import RAY, REPO, TINY_STUDY
 
-from orchestrator.tracking import Tracker
+from orchestrator.record.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,8 @@ def verdicts(local_ray, ray_head, tmp_path_factory):
     """{memory format: (parent run, tracking URI)} of the same study run once per format: in this process's
     local Ray (contiguous, the test session's format), and as a `ray job submit` job on a real `ray start --head`
     cluster (channels_last, through the job's runtime environment): the cluster path users take."""
-    from orchestrator.study import run_study
-    from orchestrator.study_config import load_study
+    from orchestrator.config.study import load_study
+    from orchestrator.study.driver import run_study
 
     tmp = tmp_path_factory.mktemp("sequential")
     config = tmp / "study.yaml"

@@ -16,12 +16,12 @@ from conftest import TINY_STUDY
 from ns_core.evaluation import CHECK_SCHEMA
 from ns_core.evaluation import SCHEMA as EVAL_SCHEMA
 from ns_core.sensitivity import SENSITIVITY_SCHEMA
-from orchestrator.artifacts import COMPUTE_SCHEMA, RUNG_SCHEMA, trials_schema
+from orchestrator.config.study import load_study
+from orchestrator.execution.trainable import ARM_TAG, ROLE_TAG, TRIAL_ID_TAG
+from orchestrator.record.artifacts import COMPUTE_SCHEMA, RUNG_SCHEMA, trials_schema
+from orchestrator.record.tracking import PARENT_TAG, Tracker
 from orchestrator.results import Status
-from orchestrator.stats import Decision
-from orchestrator.study_config import load_study
-from orchestrator.tracking import PARENT_TAG, Tracker
-from orchestrator.trial import ARM_TAG, ROLE_TAG, TRIAL_ID_TAG
+from orchestrator.study.decision import Decision
 
 pytestmark = pytest.mark.slow
 OBJECTIVES = ["val/robust_acc", "val/clean_acc"]
@@ -31,7 +31,7 @@ EPOCH_METRICS = ["val/robust_acc", "val/clean_acc", "val/sensitivity_all", "trai
 
 @pytest.fixture(scope="module")
 def study_run(local_ray, tmp_path_factory):
-    from orchestrator.study import run_study
+    from orchestrator.study.driver import run_study
 
     tmp = tmp_path_factory.mktemp("study")
     (tmp / "study.yaml").write_text(yaml.safe_dump({

@@ -12,7 +12,7 @@ from ns_core.data import Split, load_dataset
 from ns_core.objectives import TrainingCollapsed
 from ns_core.training import TrainConfig, TrainingDiverged
 from ns_core.utils import make_generator
-from orchestrator.config import apply_overrides
+from orchestrator.config.loader import apply_overrides
 from orchestrator.run import build_trainer, load_data
 
 

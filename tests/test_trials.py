@@ -5,9 +5,9 @@ import yaml
 from conftest import TINY_STUDY
 
 from ns_core.attacks import Attack
-from orchestrator.study_config import load_study
-from orchestrator.trials import Record, Role, TrialSettings
-from orchestrator.warmup import attach, fork_point, plan_warmups, shapes_trajectory, trajectory_key
+from orchestrator.config.study import load_study
+from orchestrator.execution.trial_settings import Record, Role, TrialSettings
+from orchestrator.execution.warmup import attach, fork_point, plan_warmups, shapes_trajectory, trajectory_key
 
 RECORD = Record("sqlite:////tmp/x.db", "exp", "parent", "study")
 
@@ -51,7 +51,7 @@ def test_settings_cross_the_ray_boundary_as_plain_values_and_come_back_equal(tmp
 def test_arms_search_the_same_way_the_baseline_arm_never_samples_sns_paths(tmp_path):
     from ray.tune.search import Searcher
 
-    from orchestrator.search import ArmsSearcher, PerArm, arm_sampler, make_searcher
+    from orchestrator.execution.search import ArmsSearcher, PerArm, arm_sampler, make_searcher
 
     study = tiny(tmp_path, study={"trials": 3, "scheduler": "asha", "grace_period": 1},
                  search_space={"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},

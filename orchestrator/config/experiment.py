@@ -22,7 +22,7 @@ from ns_core.data import DATASETS
 from ns_core.models import MODELS
 from ns_core.objectives import OBJECTIVES, SNS_BASES, Objective, create_objective, objective_arguments
 from ns_core.training import TrainConfig
-from orchestrator.config import Strict, apply_overrides, config_kind, registered
+from orchestrator.config.loader import Strict, apply_overrides, config_kind, registered
 
 _TC = TrainConfig()
 _TRAIN_FIELDS = inspect.signature(TrainConfig).parameters

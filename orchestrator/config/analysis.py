@@ -5,7 +5,7 @@
 
 The shared budget is one `experiment:` block (an experiment YAML, usually `base:` one in configs/experiment/);
 each method names its `method` and, where it differs, its own `attack`, `sns` or `trades` block. Everything
-goes through orchestrator.config, so a typo is one line naming the field and the closest valid key.
+goes through orchestrator.config.loader, so a typo is one line naming the field and the closest valid key.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from ns_core.attacks import Attack
-from orchestrator.config import Strict, config_kind, load_config, validate
-from orchestrator.experiment_config import ExperimentConfig, SNSBlock, TradesBlock, smoke_experiment
-from orchestrator.study_config import Resources, TrackingConfig
+from orchestrator.config.experiment import ExperimentConfig, SNSBlock, TradesBlock, smoke_experiment
+from orchestrator.config.loader import Strict, config_kind, load_config, validate
+from orchestrator.config.study import Resources, TrackingConfig
 
 
 class MethodEntry(Strict):

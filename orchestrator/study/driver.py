@@ -6,13 +6,13 @@ confirmation of each arm's best on fresh seeds; everything recorded in MLflow.
 
 Phases, each a Tune experiment under <storage.ray>/<name>/ (so --resume restores whichever was running):
 
-1. warmup: when no searched path shapes the base-method trajectory (orchestrator/warmup.py), one trial of the
+1. warmup: when no searched path shapes the base-method trajectory (orchestrator/execution/warmup.py), one trial of the
    base method trains the longest warm-up the search space allows, keeping a checkpoint after each length;
 2. search-baseline, search-<method>: each arm's trials (the same searcher, multi-fidelity scheduler, trial
    count and maximum epochs; the baseline arm over the shared recipe paths, the method's arm over those and
    its own), choosing on the validation split only; an untuned baseline is the single phase `baseline`;
 3. confirm-1, confirm-2, ...: each arm's best on fresh seeds, evaluated on the test split, until decided
-   (orchestrator/confirm.py).
+   (orchestrator/study/confirmation.py).
 
 One MLflow parent run per study holds every trial as a child run, the study's tables (trials, Pareto front,
 importances, compute, rung correlations, confirmation), their plots, a Markdown report and the verdict.
@@ -31,18 +31,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from orchestrator import plots, warmup
-from orchestrator.artifacts import IMPORTANCE_SCHEMA, compute_table, rung_table, trials_table
-from orchestrator.config import settings_text
-from orchestrator.confirm import Confirmation, run_confirmation
-from orchestrator.ray_runtime import trial_resources
-from orchestrator.results import Status, finite, objective_points, pareto_mask, rows_table
-from orchestrator.search import arm_sampler, distribution, rungs, status
-from orchestrator.study_config import Arm, ParamSpec, StudyFile
-from orchestrator.tracking import Tracker, config_hash, flatten, git_commit
-from orchestrator.trial import FAILURE_TAG, TRIAL_ID_TAG
-from orchestrator.trials import Record, Role, TrialSettings
-from orchestrator.tuning import (
+from orchestrator.config.loader import settings_text
+from orchestrator.config.study import Arm, ParamSpec, StudyFile
+from orchestrator.execution import warmup
+from orchestrator.execution.phases import (
     TrialLog,
     exists,
     known_trial_ids,
@@ -51,6 +43,15 @@ from orchestrator.tuning import (
     run_warmups,
     warmup_checkpoints,
 )
+from orchestrator.execution.ray_session import trial_resources
+from orchestrator.execution.search import arm_sampler, distribution, rungs, status
+from orchestrator.execution.trainable import FAILURE_TAG, TRIAL_ID_TAG
+from orchestrator.execution.trial_settings import Record, Role, TrialSettings
+from orchestrator.record import figures
+from orchestrator.record.artifacts import IMPORTANCE_SCHEMA, compute_table, rung_table, trials_table
+from orchestrator.record.tracking import Tracker, config_hash, flatten, git_commit
+from orchestrator.results import Status, finite, objective_points, pareto_mask, rows_table
+from orchestrator.study.confirmation import Confirmation, run_confirmation
 
 log = logging.getLogger(__name__)
 STUDY_TAG = "nslab.study"
@@ -298,26 +299,26 @@ def cost_ratio(rows: list[dict]) -> float:
 
 def record_outcome(study: StudyFile, outcome: StudyOutcome, tracker: Tracker) -> None:
     """Write the study's tables, plots, report and verdict to the parent run and mark it FINISHED."""
-    from orchestrator.report import study_markdown, summary_metrics
+    from orchestrator.record.summary import study_markdown, summary_metrics
 
     parent, rows, objectives = outcome.parent_run_id, outcome.rows, outcome.objectives
     table = trials_table(rows, study.search_space, [m for m, _ in objectives])
     tracker.log_table(parent, table, "study/trials.parquet")
     tracker.log_table(parent, table.filter(pa.array(outcome.pareto, type=pa.bool_())), "study/pareto.parquet")
-    tracker.log_figure(parent, plots.pareto_figure(rows, objectives, outcome.pareto), "study/pareto_front.png")
+    tracker.log_figure(parent, figures.pareto_figure(rows, objectives, outcome.pareto), "study/pareto_front.png")
     tracker.log_table(parent, outcome.compute, "study/compute.parquet")
-    tracker.log_figure(parent, plots.compute_figure(outcome.compute, objectives[0][0]), "study/robust_vs_compute.png")
+    tracker.log_figure(parent, figures.compute_figure(outcome.compute, objectives[0][0]), "study/robust_vs_compute.png")
     tracker.log_table(parent, outcome.rungs, "study/rung_correlation.parquet")
     outcome.importances = param_importances(rows, study, objectives)
     tracker.log_table(parent, outcome.importances, "study/param_importances.parquet")
     if outcome.importances.num_rows:
-        tracker.log_figure(parent, plots.importance_figure(outcome.importances), "study/param_importances.png")
+        tracker.log_figure(parent, figures.importance_figure(outcome.importances), "study/param_importances.png")
     if outcome.confirmation is not None:
         tracker.log_table(parent, outcome.confirmation.table(), "study/confirmation.parquet")
         if outcome.confirmation.comparisons:
             tracker.log_table(parent, rows_table([c.summary() for c in outcome.confirmation.comparisons]),
                               "study/verdicts.parquet")
-        tracker.log_figure(parent, plots.confirmation_figure(outcome.confirmation), "study/confirmation.png")
+        tracker.log_figure(parent, figures.confirmation_figure(outcome.confirmation), "study/confirmation.png")
     report = study_markdown(study, outcome)
     tracker.log_text(parent, report, "study/report.md")
     verdicts = [c.verdict() for c in outcome.confirmation.comparisons] if outcome.confirmation else []

@@ -21,8 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.config.study import ParamSpec
 from orchestrator.results import Status, finite
-from orchestrator.study_config import ParamSpec
 
 TRIAL_FIELDS = [
     pa.field("trial_id", pa.string()), pa.field("arm", pa.string()), pa.field("number", pa.int32()),

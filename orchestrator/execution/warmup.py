@@ -25,8 +25,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 
 from ns_core.objectives import SNS_BASES
-from orchestrator.experiment_config import ExperimentConfig
-from orchestrator.trials import Record, Role, TrialSettings
+from orchestrator.config.experiment import ExperimentConfig
+from orchestrator.execution.trial_settings import Record, Role, TrialSettings
 
 UNSHAPING = ("sns", "eval", "name")  # experiment blocks that do not shape a base-method trajectory
 

@@ -22,8 +22,8 @@ from enum import StrEnum
 from typing import Any
 
 from ns_core.attacks import Attack
-from orchestrator.config import canonical_path, validate
-from orchestrator.experiment_config import ExperimentConfig
+from orchestrator.config.experiment import ExperimentConfig
+from orchestrator.config.loader import canonical_path, validate
 
 CONFIG_KEY = "trial"  # the one key of a Tune trial config
 

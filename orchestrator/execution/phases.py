@@ -1,15 +1,15 @@
 """Ray Tune runs a study's phases here: the search (both arms in one experiment), trials in rounds (the sequential
 confirmation), fixed trials with shared warm-ups, and the one function that runs or resumes a phase. What each
-phase tries next (Optuna per arm, ASHA per arm, rounds) is orchestrator/search.py: nslab's Ray Tune code is
-those two modules and the trainable (orchestrator/trial.py).
+phase tries next (Optuna per arm, ASHA per arm, rounds) is orchestrator/execution/search.py: nslab's Ray Tune code is
+those two modules and the trainable (orchestrator/execution/trainable.py).
 
     results = run_search(study, samplers, path, resources, callbacks=[TrialLog(...)])
     results = run_rounds(plan, path, "confirm", resources, limit=20)     # plan(rows) -> the next round's trials
     results = run_fixed(trials, path, "methods", resources, record=record)   # shared warm-ups first
 
-Every trial runs orchestrator.trial.train_trial with the same shape of config, `{"trial": TrialSettings}`. A
-phase whose Tune experiment exists is restored (finished trials stay finished, interrupted ones resume from their
-checkpoints, the searchers' state comes back from Tune's searcher checkpoint).
+Every trial runs orchestrator.execution.trainable.train_trial with the same shape of config,
+`{"trial": TrialSettings}`. A phase whose Tune experiment exists is restored (finished trials stay finished,
+interrupted ones resume from their checkpoints, the searchers' state comes back from Tune's searcher checkpoint).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator import warmup
+from orchestrator.config.study import StudyFile
+from orchestrator.execution import warmup
+from orchestrator.execution.search import ArmSampler, PerArm, Rounds, make_searcher, status
+from orchestrator.execution.trainable import train_trial
+from orchestrator.execution.trial_settings import CONFIG_KEY, Record, TrialSettings
 from orchestrator.results import Status, fmt
-from orchestrator.search import ArmSampler, PerArm, Rounds, make_searcher, status
-from orchestrator.study_config import StudyFile
-from orchestrator.trial import train_trial
-from orchestrator.trials import CONFIG_KEY, Record, TrialSettings
 
 log = logging.getLogger(__name__)
 TUNE_DONE = ("TERMINATED", "ERROR")
@@ -65,7 +65,7 @@ def run_fixed(trials: Sequence[TrialSettings], path: str, name: str, resources: 
               record: Record, max_failures: int = 1, callbacks: Sequence[tune.Callback] = (),
               share_warmup: bool = True, keep: int | None = 2) -> tune.ResultGrid:
     """Run `trials` as Tune trials (in parallel as resources allow); shared warm-ups first where trials share
-    a trajectory (orchestrator/warmup.py). `keep`: checkpoints kept per trial (None: all, as a warm-up needs)."""
+    a trajectory (execution/warmup.py). `keep`: checkpoints kept per trial (None: all, as a warm-up needs)."""
     trials = list(trials)
     warmups = warmup.plan_warmups(trials, record) if share_warmup else {}
     if warmups:
@@ -189,7 +189,7 @@ class TrialLog(tune.Callback):
         self._finish(trials, trial, Status.FAILED, trial.last_result or {})
 
     def _finish(self, trials, trial, outcome: Status, last: dict) -> None:
-        from orchestrator.tracking import Tracker
+        from orchestrator.record.tracking import Tracker
 
         if trial.trial_id in self.reported:  # a resumed driver replays finished trials
             return

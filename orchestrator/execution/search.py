@@ -1,12 +1,12 @@
 """What a study tries next, as Ray Tune search algorithms and a scheduler (the other half of Ray Tune's API in
-nslab; orchestrator/tuning.py runs the phases):
+nslab; orchestrator/execution/phases.py runs the phases):
 
     samplers = [arm_sampler(study, arm, template) for arm, template in ...]   # Optuna per arm, same settings
     searcher = make_searcher(study, samplers)      # both arms' trials from one experiment, taking turns
     scheduler = PerArm(study)                      # one ASHA per arm: arms never stop each other's trials
     searcher = Rounds(plan)                        # fixed trials in rounds (the sequential confirmation)
 
-Every suggestion is a TrialSettings (orchestrator/trials.py): a searched trial's values decoded to config
+Every suggestion is a TrialSettings (execution/trial_settings.py): a searched trial's values decoded to config
 values on the driver and numbered in the order its arm created it. Tune saves these searchers with the
 experiment (their `save`/`restore`), so the numbers, Optuna's studies and the rounds so far survive a resume.
 """
@@ -21,9 +21,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.config.study import Arm, ParamSpec, StudyFile
+from orchestrator.execution.trial_settings import Role, TrialSettings
 from orchestrator.results import Status
-from orchestrator.study_config import Arm, ParamSpec, StudyFile
-from orchestrator.trials import Role, TrialSettings
 
 
 def status(errored: bool, finished: bool, final: bool, role: Role) -> Status:

@@ -9,10 +9,10 @@ arm's best configuration (its top `confirm.top_k` by the primary objective, or i
 baseline arm's best each train again on the first `confirm.seeds` fresh seeds (never the search seed), as Tune
 trials nested under the study's parent run, and are evaluated on the whole test split with the final suite.
 Per comparison: the paired differences seed by seed (robust and clean), their mean ± std, a 95% interval, a
-paired-bootstrap probability of improvement, and a decision (orchestrator/stats.py). While a comparison is
+paired-bootstrap probability of improvement, and a decision (orchestrator/study/decision.py). While a comparison is
 undecided and fewer than `confirm.max_seeds` seeds ran, the next round adds fresh seeds. The rounds run in one
 Tune experiment (`confirm`, warm workers throughout) whose searcher plans each round from the finished ones
-(orchestrator/tuning.py `Rounds`) and is saved with it, so a driver killed between seeds resumes with every
+(orchestrator/execution/phases.py `Rounds`) and is saved with it, so a driver killed between seeds resumes with every
 seed it finished and trains none of them twice: the decisions replay from the same results.
 """
 
@@ -26,11 +26,17 @@ from typing import Any
 
 import pyarrow as pa
 
+from orchestrator.config.study import Arm, StudyFile
+from orchestrator.execution.phases import TrialLog, result_status, run_rounds
+from orchestrator.execution.trial_settings import Record, Role, TrialSettings
 from orchestrator.results import Status, count, failure_kind, finite, fmt, pct, points, rows_table, verdict_sentence
-from orchestrator.stats import Decision, PairedDifference, decide, paired_difference, probability_of_improvement
-from orchestrator.study_config import Arm, StudyFile
-from orchestrator.trials import Record, Role, TrialSettings
-from orchestrator.tuning import TrialLog, result_status, run_rounds
+from orchestrator.study.decision import (
+    Decision,
+    PairedDifference,
+    decide,
+    paired_difference,
+    probability_of_improvement,
+)
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ns_core.attacks import Attack
-from orchestrator.config import ConfigError, Strict, apply_overrides, canonical_path, config_kind, load_config
-from orchestrator.experiment_config import ExperimentConfig, smoke_experiment
+from orchestrator.config.experiment import ExperimentConfig, smoke_experiment
+from orchestrator.config.loader import ConfigError, Strict, apply_overrides, canonical_path, config_kind, load_config
 from orchestrator.results import count
 
 VAL_METRICS = ("val/robust_acc", "val/clean_acc", "val/sensitivity_all", "val/sensitivity_selected",
@@ -326,7 +326,7 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None,
 
 def resolve_locations(study: StudyFile, base: Path | None = None) -> StudyFile:
     """Absolute tracking URI and storage paths (Ray runs each trial in its own working directory)."""
-    from orchestrator.tracking import absolute_uri, resolve_tracking_uri
+    from orchestrator.record.tracking import absolute_uri, resolve_tracking_uri
 
     base = (base or Path.cwd()).resolve()
     study.tracking.uri = resolve_tracking_uri(None, study.tracking.uri, base)

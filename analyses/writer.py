@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.tracking import Tracker
+from orchestrator.record.tracking import Tracker
 
 log = logging.getLogger(__name__)
 FIGURE_DPI = 120

@@ -1,7 +1,7 @@
 """The Ray Tune trainable: one trial = one run of orchestrator.run.run_experiment, a child MLflow run.
 
 Tune calls `train_trial(settings)` in a worker process (and another working directory: every path in the
-settings is absolute) with the trial's TrialSettings (orchestrator/trials.py): its role, label, experiment
+settings is absolute) with the trial's TrialSettings (execution/trial_settings.py): its role, label, experiment
 and overrides, where it records, and the shared warm-up checkpoints it may fork from. Roles: `search` (a
 trial of an arm), `baseline` (the untuned baseline), `warmup` (a shared warm-up: trains to `until`, keeping a
 checkpoint at each epoch in `keep_epochs`), `confirm` and `method` (fixed configurations evaluated on the
@@ -30,11 +30,11 @@ from ray import tune
 
 from ns_core.checkpoint import CheckpointError, load_checkpoint
 from ns_core.training import Trainer
+from orchestrator.execution.trial_settings import Role, TrialSettings
+from orchestrator.execution.warmup import fork_point
+from orchestrator.record.tracking import PARENT_TAG, Tracker
 from orchestrator.results import FAILURES, failure_kind
 from orchestrator.run import FAILURE_TAG, run_experiment
-from orchestrator.tracking import PARENT_TAG, Tracker
-from orchestrator.trials import Role, TrialSettings
-from orchestrator.warmup import fork_point
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer.pt"  # an nslab checkpoint (ns_core.checkpoint), loadable with weights_only=True

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.config.study import StudyFile
 from orchestrator.results import Status, finite, fmt, pct, points
-from orchestrator.study_config import StudyFile
 
 
 def summary_metrics(study: StudyFile, outcome) -> dict[str, float]:
