@@ -203,8 +203,10 @@ def evaluate_robustness(
                              int((clean & ~survivors).sum()), sum(r["seconds"] for r in mine)))
     report = RobustnessReport(rows)
     if checks:
-        report.checks = masking_checks(model, x, y, attacks, rows, seed=seed, batch_size=batch_size,
-                                       examples=check_examples, num_classes=num_classes, cascade=cascade)
+        with eval_mode(model):  # the checks score the evaluated (eval-mode) model; a train-mode one would use
+            # batch statistics and move BatchNorm's running ones, and a CAS model would have no label to suppress with
+            report.checks = masking_checks(model, x, y, attacks, rows, seed=seed, batch_size=batch_size,
+                                           examples=check_examples, num_classes=num_classes, cascade=cascade)
         for check in report.checks:
             if check.status == "FLAG":
                 log.warning("masking check %s tripped: %s", check.name, check.detail)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ns_core.attacks import Attack, projected_ascent
-from ns_core.cas import cas_forward, install_cas
+from ns_core.cas import cas_forward, cas_layers, install_cas
 from ns_core.models import studied_layers
 from ns_core.registry import Registry
 from ns_core.sensitivity import ActivationCapture, SensitivityMap, measure_sensitivity
@@ -309,8 +309,7 @@ class CAS(Objective):
     training forward of x'. x' is the base's training attack on the model's test-time (eval, predicted-label)
     forward; the reference's attack also adds beta x the heads' cross-entropy to the loss it ascends: here
     CAS and PGD-AT share their adversary, so they differ only by the model change and the head loss. The
-    layers: `layers`, else the model's default_layers, else proposed ones; the last entries of a deep network
-    are where the paper puts CAS (its ResNet-18: the blocks of layer4), so name them for large models."""
+    layers: `layers`, else the last of the model's studied layers (ns_core/cas.py says why)."""
 
     base: PGDAT = field(default_factory=PGDAT)
     beta: float = 2.0
@@ -326,8 +325,10 @@ class CAS(Objective):
         return {"cas": {"layers": list(heads.layers)}}
 
     def watched_layers(self, model):
-        """The CAS layers: the activations it changes (also what preflight checks and feature_pgd attacks)."""
-        return studied_layers(model, self.layers)
+        """The studied layers, as PGD-AT's (so sensitivity compares between them); the CAS layers are checked
+        here too, so a wrong `layers` fails where the run path checks layers (before a run starts)."""
+        cas_layers(model, self.layers)
+        return studied_layers(model)
 
     def on_epoch_start(self, model, epoch, probe, generator=None):
         return self.base.on_epoch_start(model, epoch, probe, generator)
@@ -347,7 +348,7 @@ class CAS(Objective):
 
     def params(self, model):
         return {**self.base.params(model), "method": "cas", "cas.beta": self.beta,
-                "cas.layers": self.watched_layers(model)}
+                "cas.layers": cas_layers(model, self.layers)}
 
 
 @dataclass

@@ -184,7 +184,7 @@ BAD_CONFIGS = {
     "negative_trials": ({"study": {"trials": -3}}, "config error: study.trials: must be >= 1 (got -3)"),
     "unknown_dataset": ({"experiment": {"dataset": "cifar"}}, "unknown dataset 'cifar'; choose one of: cifar10,"),
     "unknown_model": ({"experiment": {"model": "lenet"}}, "unknown model 'lenet'; choose one of: lenet5,"),
-    "unknown_method": ({"experiment": {"method": "snss"}}, "unknown method 'snss'; choose one of: fast_at,"),
+    "unknown_method": ({"experiment": {"method": "snss"}}, "unknown method 'snss'; choose one of: cas, fast_at,"),
     "unknown_path": ({"search_space": {"sns.lamda": {"type": "float", "low": 0.1, "high": 1}}},
                      "config error: search_space.sns.lamda: 'sns.lamda' is not a field"),
     "test_metric": ({"study": {"objectives": [{"metric": "robust_acc"}]}},

@@ -33,7 +33,7 @@ def lenet_batch():
 
 
 def test_registry_names_and_errors():
-    assert OBJECTIVES.names() == ["fast_at", "pgd_at", "sns", "standard", "trades"]
+    assert OBJECTIVES.names() == ["cas", "fast_at", "mart", "pgd_at", "sns", "standard", "trades"]
     with pytest.raises(ValueError, match="unknown method 'sn'.*Did you mean 'sns'"):
         create_objective("sn")
     with pytest.raises(ValueError, match="method 'sns' takes no parameter.*lamda; it takes: attack, base"):

@@ -5,9 +5,10 @@
     train = experiment.train_config()           # ns_core TrainConfig
     suite = experiment.final_suite()            # the final evaluation's attacks (ns_core Attack)
 
-Blocks: `attack` (the training attack, an ns_core Attack), `sns`, `trades`, `train`, `eval`, `data`. A
-method takes what its factory asks for (`attack`, `beta` from `trades`, the `sns` fields), so no block
-is mapped by hand per method. Studies and analyses are built from these same blocks.
+Blocks: `attack` (the training attack, an ns_core Attack), `sns`, `trades`, `mart`, `cas`, `train`, `eval`,
+`data`. A method takes what its factory asks for (`attack`, `beta` from `trades`, the `sns` fields), and the
+method's own block (`mart`, `cas`) before the shared ones, so no block is mapped by hand per method. Studies
+and analyses are built from these same blocks.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class SNSBlock(Strict):
 
 class TradesBlock(Strict):
     beta: float = Field(6.0, ge=0)
+
+
+class MartBlock(Strict):
+    beta: float = Field(6.0, ge=0)  # weight of the misclassification-weighted KL term (Wang et al. 2020)
+
+
+class CASBlock(Strict):
+    beta: float = Field(2.0, ge=0)  # weight of the channel heads' cross-entropy (Bai et al. 2021)
+    layers: list[str] | None = Field(None, min_length=1)  # None: the last of the model's studied layers
 
 
 class TrainBlock(Strict):
@@ -97,6 +107,8 @@ class ExperimentConfig(Strict):
     attack: Attack = Field(default_factory=lambda: Attack("pgd", 0.3, steps=10))
     sns: SNSBlock = Field(default_factory=SNSBlock)
     trades: TradesBlock = Field(default_factory=TradesBlock)
+    mart: MartBlock = Field(default_factory=MartBlock)
+    cas: CASBlock = Field(default_factory=CASBlock)
     train: TrainBlock = Field(default_factory=TrainBlock)
     eval: EvalBlock = Field(default_factory=EvalBlock)
     data: DataBlock = Field(default_factory=DataBlock)
@@ -131,9 +143,11 @@ class ExperimentConfig(Strict):
         return self
 
     def objective_params(self) -> dict[str, Any]:
-        """The keyword arguments of the method's factory, taken from the blocks by name."""
+        """The keyword arguments of the method's factory, taken from the blocks by name (the method's own block
+        first: `cas.layers`, not `sns.layers`, are CAS's)."""
+        own = {"mart": self.mart, "cas": self.cas}.get(self.method)
         available = {"attack": self.attack, "beta": self.trades.beta, "eps_ramp_epochs": self.train.eps_ramp_epochs,
-                     **self.sns.model_dump()}
+                     **self.sns.model_dump(), **(own.model_dump() if own is not None else {})}
         return {name: available[name] for name in objective_arguments(self.method) if name in available}
 
     def objective(self) -> Objective:
