@@ -25,9 +25,10 @@ from analyses.plots import methods_figure
 from analyses.writer import ReportWriter
 from orchestrator.config.analysis import MethodsConfig
 from orchestrator.config.loader import settings_text
-from orchestrator.execution.phases import TrialLog, result_status, run_fixed
+from orchestrator.execution.phases import TrialLog, run_fixed
 from orchestrator.execution.ray_session import trial_resources
 from orchestrator.execution.trainable import STATE_FILE
+from orchestrator.execution.trial_outcome import TrialOutcome
 from orchestrator.execution.trial_settings import Record, Role, TrialSettings
 from orchestrator.record.tracking import config_hash, git_commit
 from orchestrator.results import Status, mean_std, rows_table, verdict_sentence
@@ -104,17 +105,16 @@ def format_table(summary: list[dict], paired: list[dict], robust_name: str) -> s
 
 
 def _per_seed_row(settings: TrialSettings, result) -> dict:
-    metrics = result.metrics or {}
-    outcome = result_status(result)
-    ok = outcome == Status.COMPLETE
-    row = {"method": settings.arm, "objective": settings.method, "seed": settings.seed, "status": str(outcome),
-           "error": "" if ok else str(result.error or "did not finish").splitlines()[0][:500],
-           "mlflow_run_id": metrics.get("mlflow_run_id")}
+    outcome = TrialOutcome.of_result(result)
+    metrics, ok = outcome.metrics, outcome.ok
+    row = {"method": settings.arm, "objective": settings.method, "seed": settings.seed, "status": str(outcome.status),
+           "error": "" if ok else (outcome.error or "did not finish").splitlines()[0][:500],
+           "mlflow_run_id": outcome.mlflow_run_id}
     if ok:
         row.update({"clean_acc": metrics["test/clean_acc"], "robust_acc": metrics["test/robust_acc"],
                     "sensitivity_all": metrics.get("test/sensitivity_all"),
                     "relative_sensitivity_all": metrics.get("test/relative_sensitivity_all"),
-                    "epochs": int(metrics["epoch"]), "masking_flags": int(metrics.get("test/flags", 0)),
+                    "epochs": outcome.epoch, "masking_flags": int(metrics.get("test/flags", 0)),
                     **{f"acc_{k.removeprefix('test/').removesuffix('_acc')}": v for k, v in metrics.items()
                        if k.startswith("test/") and k.endswith("_acc") and k not in ("test/clean_acc",
                                                                                     "test/robust_acc")}})

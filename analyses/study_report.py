@@ -22,11 +22,10 @@ from scipy.stats import spearmanr
 
 from analyses.plots import study_maps_figure, study_scatter_figure
 from analyses.writer import ReportWriter
-from orchestrator.execution.trainable import ARM_TAG, ROLE_TAG
+from orchestrator.record import tags
 from orchestrator.record.figures import pareto_figure
-from orchestrator.record.tracking import PARENT_TAG, Tracker, git_commit
-from orchestrator.results import Status, objective_points, pareto_mask, run_status
-from orchestrator.study.driver import STUDY_TAG
+from orchestrator.record.tracking import Tracker, git_commit
+from orchestrator.results import Status, arm_fronts, run_status
 
 log = logging.getLogger(__name__)
 SENSITIVITIES = ("sensitivity_all", "relative_sensitivity_all")
@@ -37,17 +36,17 @@ def find_study(tracker: Tracker, name: str):
     """The newest parent run tagged nslab.study=name, else named name, else tagged name-*; a ValueError
     listing the studies found otherwise."""
     quoted = name.replace("'", "\\'")
-    queries = (f"tags.`{STUDY_TAG}` = '{quoted}'", f"attributes.run_name = '{quoted}'",
-               f"tags.`{STUDY_TAG}` LIKE '{quoted}-%'")  # a config's name: its newest dated study
+    queries = (f"tags.`{tags.STUDY}` = '{quoted}'", f"attributes.run_name = '{quoted}'",
+               f"tags.`{tags.STUDY}` LIKE '{quoted}-%'")  # a config's name: its newest dated study
     for query in queries:
-        parents = [r for r in tracker.find_runs(query) if PARENT_TAG not in r.data.tags]
+        parents = [r for r in tracker.find_runs(query) if tags.PARENT not in r.data.tags]
         if parents:
             if len(parents) > 1:
                 log.warning("%d parent runs match study %r; using the newest (%s)", len(parents), name,
                             parents[0].info.run_id)
             return parents[0]
-    known = sorted({r.data.tags[STUDY_TAG] for r in tracker.find_runs(f"tags.`{STUDY_TAG}` LIKE '%'")
-                    if PARENT_TAG not in r.data.tags})
+    known = sorted({r.data.tags[tags.STUDY] for r in tracker.find_runs(f"tags.`{tags.STUDY}` LIKE '%'")
+                    if tags.PARENT not in r.data.tags})
     hint = f"studies there: {', '.join(known)}" if known else "it holds no study runs"
     raise ValueError(f"no study named {name!r} in MLflow experiment {tracker.experiment!r} at "
                      f"{tracker.tracking_uri} ({hint}); pass --study-experiment (the study config's "
@@ -57,13 +56,13 @@ def find_study(tracker: Tracker, name: str):
 def trial_rows(tracker: Tracker, parent) -> list[dict]:
     rows = []
     for run in tracker.children(parent.info.run_id):
-        if run.data.tags.get(ROLE_TAG, "search") not in ("search", "baseline"):
+        if run.data.tags.get(tags.ROLE, "search") not in ("search", "baseline"):
             continue
         metrics = run.data.metrics
         rows.append({"trial": run.info.run_name, "run_id": run.info.run_id,
-                     "status": run_status(run.info.status, run.data.tags), "arm": run.data.tags.get(ARM_TAG, ""),
-                     "role": run.data.tags.get(ROLE_TAG, "search"),
-                     "failure_reason": run.data.tags.get("failure_reason", ""),
+                     "status": run_status(run.info.status, run.data.tags), "arm": run.data.tags.get(tags.ARM, ""),
+                     "role": run.data.tags.get(tags.ROLE, "search"),
+                     "failure_reason": run.data.tags.get(tags.FAILURE, run.data.tags.get("failure_reason", "")),
                      **{m: metrics.get(f"val/{m}") for m in METRICS}})
     return rows
 
@@ -79,10 +78,10 @@ def mark_front(tracker: Tracker, parent, rows: list[dict]) -> str:
                 row["on_front"] = row["run_id"] in ids
             return "the study's study/pareto.parquet"
     objectives = [("robust_acc", "max"), ("clean_acc", "max")]
-    front = pareto_mask(objective_points(rows, objectives, [r["status"] == Status.COMPLETE for r in rows]))
+    front = arm_fronts(rows, objectives)
     for row, on in zip(rows, front, strict=True):
         row["on_front"] = on
-    return "computed over completed trials"
+    return "each arm's front, computed over its completed trials"
 
 
 def spearman(rows: list[dict], key: str, finished_only: bool = False) -> tuple[float, float, int]:
@@ -134,8 +133,8 @@ def study_report(source: Tracker, name: str, writer: ReportWriter) -> str:
     subtitle = study_subtitle(parent, name, len(rows), source.experiment)
     params = {"study": name, "study_run_id": parent.info.run_id, "study_experiment": source.experiment,
               "tracking_uri": source.tracking_uri}
-    with writer.parent(f"study-{name}", params=params, tags={"nslab.analysis": "study",
-                                                             "nslab.git_commit": git_commit()}) as report:
+    with writer.parent(f"study-{name}", params=params, tags={tags.ANALYSIS: "study",
+                                                             tags.GIT_COMMIT: git_commit()}) as report:
         writer.table(report, pa.Table.from_pylist(rows), "study_report/trials.parquet")
         writer.table(report, pa.Table.from_pylist(
             [{"sensitivity": k, "trials": subset, "spearman_rho": v[0], "p_value": v[1], "n": v[2]}

@@ -5,9 +5,9 @@
 The demo study (configs/study/quick.yaml: a PGD-AT baseline and SNS trials whose warm-up length is searched)
 at a smaller budget, run whole with `study.share_warmup` on and off, interleaved. Without sharing every SNS
 trial retrains its own PGD-AT warm-up; with it one warm-up trial trains the longest warm-up once and every
-trial forks from its own length (the baseline continues the longest). Target (issue 12): epochs trained with
-sharing <= baseline epochs + sum over SNS trials of (epochs - warm-up). Confirmation is left out (it shares
-warm-ups the same way, per seed).
+trial forks from its own length (the baseline continues the longest). Target: epochs trained with sharing <=
+baseline epochs + sum over SNS trials of (epochs - warm-up). Confirmation is left out (its seeds share no
+warm-up: each seed trains its own).
 """
 
 from __future__ import annotations

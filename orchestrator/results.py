@@ -35,12 +35,19 @@ class Status(StrEnum):
 
 
 def run_status(mlflow_status: str, tags: Mapping[str, str]) -> Status:
-    """A trial's Status from its MLflow run (for reports that read the record, not Tune's state)."""
+    """A trial's Status from its MLflow run (for reports that read the record, not Tune's state): the status
+    tag the study wrote when the trial ended, else what MLflow's own status can say."""
+    from orchestrator.record.tags import STATUS, STOPPED_EARLY
+
+    if tags.get(STATUS) in Status.__members__:
+        return Status(tags[STATUS])
+    if mlflow_status == "FINISHED" and STOPPED_EARLY in tags:
+        return Status.STOPPED_EARLY
     if mlflow_status == "FINISHED":
         return Status.COMPLETE
     if mlflow_status == "FAILED":
         return Status.FAILED
-    if mlflow_status == "KILLED" and "stopped_early" in tags:
+    if mlflow_status == "KILLED" and ("stopped_early" in tags or STOPPED_EARLY in tags):  # recorded before
         return Status.STOPPED_EARLY
     return Status.INCOMPLETE
 
@@ -159,6 +166,19 @@ def pareto_mask(points_: Sequence[Sequence[float] | None]) -> list[bool]:
                    for q in points_)
 
     return [p is not None and not dominated(p) for p in points_]
+
+
+def arm_fronts(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]) -> list[bool]:
+    """The one Pareto rule of a study: each arm's own front over its completed trials (arms are compared by
+    the confirmation, not by dominating each other's trials); rows without an `arm` form one arm."""
+    front = [False] * len(rows)
+    for arm in dict.fromkeys(r.get("arm", "") for r in rows):
+        index = [i for i, r in enumerate(rows) if r.get("arm", "") == arm]
+        eligible = [rows[i]["status"] == Status.COMPLETE for i in index]
+        for i, on in zip(index, pareto_mask(objective_points([rows[i] for i in index], objectives, eligible)),
+                         strict=True):
+            front[i] = on
+    return front
 
 
 def objective_points(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],

@@ -38,12 +38,11 @@ from ns_core.sensitivity import SensitivityMap, measure_sensitivity
 from ns_core.training import Trainer
 from ns_core.utils import make_generator, seed_everything
 from orchestrator.config.experiment import ExperimentConfig
+from orchestrator.record import tags
 from orchestrator.record.figures import sensitivity_figure
 from orchestrator.record.tracking import Tracker
 
 log = logging.getLogger(__name__)
-FAILURE_TAG = "failure_reason"
-FLAGS_TAG = "eval.flags"
 EpochHook = Callable[[dict, Trainer, bool], None]  # (metrics, trainer, final) -> None
 
 
@@ -171,14 +170,14 @@ def record_report(tracker: Tracker, run_id: str, report: RobustnessReport, step:
     tracker.log_table(run_id, report.to_arrow(), f"{prefix}/robust_accuracy.parquet")
     tracker.log_table(run_id, report.checks_arrow(), f"{prefix}/checks.parquet")
     tracker.log_metrics(run_id, report.metrics(), step=step)
-    tracker.set_tags(run_id, {FLAGS_TAG: ",".join(report.flags) or "none"})
+    tracker.set_tags(run_id, {tags.EVAL_FLAGS: ",".join(report.flags) or "none"})
 
 
 def record_failure(tracker: Tracker, run_id: str, err: BaseException) -> str:
     """Tag why the run failed and end it FAILED (KILLED when the user interrupted it); returns the reason."""
     reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:5000]
     try:
-        tracker.set_tags(run_id, {FAILURE_TAG: reason})
+        tracker.set_tags(run_id, {tags.FAILURE: reason, tags.STATUS: "FAILED"})
         tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
     except Exception as tracking_error:  # the failure must still reach the caller
         log.warning("could not record the failure of run %s: %s", run_id, tracking_error)

@@ -112,7 +112,7 @@ def make_study(tmp_path, name: str = "tiny-20260101-000000", trials: int = 6) ->
         if i == trials - 1:  # collapsed: zero sensitivity, chance accuracy, FAILED
             tracker.log_metrics(child, {"val/clean_acc": 0.1, "val/robust_acc": 0.1, "val/sensitivity_all": 0.0,
                                         "val/relative_sensitivity_all": 0.0}, step=1)
-            tracker.set_tags(child, {"failure_reason": "TrainingCollapsed: clean accuracy sat at chance"})
+            tracker.set_tags(child, {"nslab.failure_reason": "TrainingCollapsed: clean accuracy sat at chance"})
             tracker.end_run(child, "FAILED")
             continue
         for epoch in (1, 2):

@@ -40,7 +40,7 @@ def test_a_killed_driver_resumes_mid_search_and_between_seeds_with_the_flags_it_
     everything = tracker.children(parent.info.run_id)
     for run in everything:  # finished, or lost with a driver before Tune recorded it: closed and tagged
         assert run.info.status == "FINISHED" or (run.info.status == "KILLED" and "nslab.orphaned" in run.data.tags), (
-            run.info.run_name, run.info.status, run.data.tags.get("failure_reason"))
+            run.info.run_name, run.info.status, run.data.tags.get("nslab.failure_reason"))
     children = [c for c in everything if "nslab.orphaned" not in c.data.tags]
     labels = [c.info.run_name for c in children]
     assert len(labels) == len(set(labels)), labels  # one run per trial, none duplicated

@@ -147,7 +147,7 @@ def test_a_failed_train_ends_its_run_failed_with_the_reason(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TrainingDiverged: loss became nan" in err[0]
     (run,) = Tracker(uri, "nslab").find_runs("tags.`nslab.kind` = 'train'")
-    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("TrainingDiverged")
+    assert run.info.status == "FAILED" and run.data.tags["nslab.failure_reason"].startswith("TrainingDiverged")
 
 
 def test_the_printed_ui_command_works_from_a_shell_without_the_venv(tmp_path):

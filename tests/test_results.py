@@ -95,7 +95,9 @@ def test_statuses_and_failure_classes_have_one_name_each():
     assert failure_kind("CatastrophicOverfitting: validation PGD fell") == "CatastrophicOverfitting"
     assert failure_kind("OSError: disk full") is None and failure_kind(None) is None
     assert run_status("FINISHED", {}) == Status.COMPLETE and run_status("FAILED", {}) == Status.FAILED
-    assert run_status("KILLED", {"stopped_early": "asha after epoch 1"}) == Status.STOPPED_EARLY
+    assert run_status("KILLED", {"stopped_early": "asha after epoch 1"}) == Status.STOPPED_EARLY  # older record
+    assert run_status("FINISHED", {"nslab.status": "STOPPED_EARLY"}) == Status.STOPPED_EARLY
+    assert run_status("FINISHED", {"nslab.stopped_early": "asha after epoch 4"}) == Status.STOPPED_EARLY
     assert run_status("RUNNING", {}) == Status.INCOMPLETE
 
 

@@ -17,9 +17,9 @@ from ns_core.evaluation import CHECK_SCHEMA
 from ns_core.evaluation import SCHEMA as EVAL_SCHEMA
 from ns_core.sensitivity import SENSITIVITY_SCHEMA
 from orchestrator.config.study import load_study
-from orchestrator.execution.trainable import ARM_TAG, ROLE_TAG, TRIAL_ID_TAG
+from orchestrator.record import tags
 from orchestrator.record.artifacts import COMPUTE_SCHEMA, RUNG_SCHEMA, trials_schema
-from orchestrator.record.tracking import PARENT_TAG, Tracker
+from orchestrator.record.tracking import Tracker
 from orchestrator.results import Status
 from orchestrator.study.decision import Decision
 
@@ -58,7 +58,7 @@ def read_text(tracker, run_id: str, path: str) -> str:
 
 def children(tracker, outcome, role=None):
     runs = tracker.children(outcome.parent_run_id)
-    return [r for r in runs if role is None or r.data.tags[ROLE_TAG] == role]
+    return [r for r in runs if role is None or r.data.tags[tags.ROLE] == role]
 
 
 def test_both_arms_get_the_same_trials_and_the_baseline_arm_never_samples_sns_paths(study_run):
@@ -70,11 +70,11 @@ def test_both_arms_get_the_same_trials_and_the_baseline_arm_never_samples_sns_pa
     assert all(r["param.sns.fraction"] is None and r["param.sns.lam"] is None for r in arms["baseline"])
     assert all(r["param.sns.fraction"] is not None for r in arms["sns"])
     for run in children(tracker, outcome, "search"):
-        overrides = json.loads(run.data.tags["nslab.overrides"])
-        if run.data.tags[ARM_TAG] == "baseline":
+        overrides = json.loads(run.data.tags[tags.OVERRIDES])
+        if run.data.tags[tags.ARM] == "baseline":
             assert not any(p.startswith("sns.") for p in [*overrides, *run.data.params]) and run.data.params[
                 "train.lr"] in ("0.05", "1e+06")
-        assert run.info.run_name == run.data.tags["nslab.label"] and run.data.params["arm"] == run.data.tags[ARM_TAG]
+        assert run.info.run_name == run.data.tags[tags.LABEL] and run.data.params["arm"] == run.data.tags[tags.ARM]
 
 
 def test_diverged_trials_fail_with_their_reason_and_the_search_goes_on(study_run):
@@ -86,17 +86,23 @@ def test_diverged_trials_fail_with_their_reason_and_the_search_goes_on(study_run
                                 for r in diverged)
         assert any(r["status"] == Status.COMPLETE for r in rows)
         assert all(r["status"] in (Status.COMPLETE, Status.STOPPED_EARLY) for r in rows if r not in diverged)
+    stopped = 0
     for run in children(tracker, outcome, "search"):
-        if "TrainingDiverged" in run.data.tags.get("failure_reason", ""):
-            assert run.info.status == "FAILED"
-        elif "stopped_early" in run.data.tags:  # ASHA at its rung: closed, not lost
-            assert run.info.status == "KILLED" and run.data.tags["stopped_early"] == "asha after epoch 1"
+        if "TrainingDiverged" in run.data.tags.get(tags.FAILURE, ""):
+            assert run.info.status == "FAILED" and run.data.tags[tags.STATUS] == "FAILED"
+        elif tags.STOPPED_EARLY in run.data.tags:  # ASHA at its rung: a normal end, nslab's status in a tag
+            stopped += 1
+            assert run.info.status == "FINISHED" and run.data.tags[tags.STATUS] == "STOPPED_EARLY"
+            assert run.data.tags[tags.STOPPED_EARLY] == "asha after epoch 1"
+        else:
+            assert run.info.status == "FINISHED" and run.data.tags[tags.STATUS] == "COMPLETE"
+    assert stopped == sum(r["status"] == Status.STOPPED_EARLY for r in outcome.rows)
 
 
 def test_trial_runs_hold_every_epoch_once_and_only_what_tells_them_apart(study_run):
     study, outcome, tracker = study_run
-    finished = [r for r in children(tracker, outcome, "search") if r.info.status == "FINISHED"]
-    assert finished
+    finished = [r for r in children(tracker, outcome, "search") if r.data.tags.get(tags.STATUS) == "COMPLETE"]
+    assert finished and all(r.info.status == "FINISHED" for r in finished)
     for run in finished:
         for metric in EPOCH_METRICS:
             history = tracker.client.get_metric_history(run.info.run_id, metric)
@@ -159,7 +165,7 @@ def test_the_confirmation_pairs_seeds_and_finds_identical_training_equivalent(st
     assert "SNS is equivalent to PGD-AT within ±1.0 points after 2 seeds" in comparison.verdict()
     for row in table:
         run = tracker.get_run(row["mlflow_run_id"])
-        assert run.info.status == "FINISHED" and run.data.tags[ROLE_TAG] == "confirm"
+        assert run.info.status == "FINISHED" and run.data.tags[tags.ROLE] == "confirm"
         assert run.info.run_name == f"confirm-{row['configuration']}-s{row['seed']}"
         assert row["test_robust_acc"] == pytest.approx(run.data.metrics["test/robust_acc"])
         assert run.data.params["train.seed"] == str(row["seed"])
@@ -168,5 +174,5 @@ def test_the_confirmation_pairs_seeds_and_finds_identical_training_equivalent(st
             "clean", "fgsm", "pgd", "worst_case"]
         assert tracker.read_table(run.info.run_id, "eval/checks.parquet").schema.equals(CHECK_SCHEMA)
     runs = children(tracker, outcome)
-    assert len({r.data.tags[TRIAL_ID_TAG] for r in runs}) == len(runs)  # one run per trial
-    assert all(r.data.tags[PARENT_TAG] == outcome.parent_run_id for r in runs)
+    assert len({r.data.tags[tags.TRIAL_ID] for r in runs}) == len(runs)  # one run per trial
+    assert all(r.data.tags[tags.PARENT] == outcome.parent_run_id for r in runs)

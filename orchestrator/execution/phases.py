@@ -24,19 +24,14 @@ from ray import tune
 
 from orchestrator.config.study import StudyFile
 from orchestrator.execution import warmup
-from orchestrator.execution.search import ArmSampler, PerArm, Rounds, make_searcher, status
+from orchestrator.execution.search import ArmSampler, PerArm, Rounds, make_searcher
 from orchestrator.execution.trainable import train_trial
+from orchestrator.execution.trial_outcome import TrialOutcome
 from orchestrator.execution.trial_settings import CONFIG_KEY, Record, TrialSettings
 from orchestrator.results import Status, fmt
 
 log = logging.getLogger(__name__)
 TUNE_DONE = ("TERMINATED", "ERROR")
-
-
-def result_status(result) -> Status:
-    """The Status of a tune.Result of a finished phase."""
-    metrics = result.metrics or {}
-    return status(result.error is not None, True, bool(metrics.get("final")), TrialSettings.of(result.config).role)
 
 
 def run_search(study: StudyFile, samplers: list[ArmSampler], path: str, resources: dict[str, float],
@@ -181,14 +176,13 @@ class TrialLog(tune.Callback):
         self.started.setdefault(trial.trial_id, time.time())
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = trial.last_result or {}
-        self._finish(trials, trial, status(False, True, bool(last.get("final")), TrialSettings.of(trial.config).role),
-                     last)
+        self._finish(trials, trial, TrialOutcome.of(trial.config, trial.last_result, errored=False, ended=True))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finish(trials, trial, Status.FAILED, trial.last_result or {})
+        self._finish(trials, trial, TrialOutcome.of(trial.config, trial.last_result, errored=True, ended=True))
 
-    def _finish(self, trials, trial, outcome: Status, last: dict) -> None:
+    def _finish(self, trials, trial, outcome: TrialOutcome) -> None:
+        from orchestrator.record import tags
         from orchestrator.record.tracking import Tracker
 
         if trial.trial_id in self.reported:  # a resumed driver replays finished trials
@@ -196,19 +190,20 @@ class TrialLog(tune.Callback):
         self.reported.add(trial.trial_id)
         started = self.started.pop(trial.trial_id, None)
         wall = time.time() - started if started is not None else float("nan")
-        run_id = last.get("mlflow_run_id")
+        run_id, last = outcome.mlflow_run_id, outcome.metrics
         if run_id:
             tracker = Tracker(self.tracking_uri, self.mlflow_experiment)
             if started is not None:
                 tracker.log_metrics(run_id, {"time/trial_wall_seconds": wall})
-            if outcome == Status.STOPPED_EARLY:
-                tracker.set_tags(run_id, {"stopped_early": f"asha after epoch {int(last.get('epoch', 0))}"})
-                tracker.end_run(run_id, "KILLED")
+            tracker.set_tags(run_id, {tags.STATUS: outcome.status})
+            if outcome.status == Status.STOPPED_EARLY:  # a normal end: FINISHED, with nslab's status in a tag
+                tracker.set_tags(run_id, {tags.STOPPED_EARLY: f"asha after epoch {outcome.epoch}"})
+                tracker.end_run(run_id, outcome.mlflow_status)
         done = sum(t.trial_id in self.reported for t in trials)
         values = "  ".join(f"{m.removeprefix('val/').removeprefix('test/')}={fmt(last[m], 3)}"
                            for m in self.objectives if m in last)
-        settings = TrialSettings.of(trial.config)
+        settings = outcome.settings
         params = " ".join(f"{k.removeprefix('sns.').removeprefix('train.')}={fmt(v, 3)}"
                           for k, v in settings.overrides.items() if k != "train.seed")
         log.info("%s%d/%d %-8s %-13s %4.0fs  %s  %s", f"{self.phase} " if self.phase else "", done,
-                 self.total or len(trials), settings.label, outcome, wall, values or "-", params)
+                 self.total or len(trials), settings.label, outcome.status, wall, values or "-", params)

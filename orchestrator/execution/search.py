@@ -22,20 +22,8 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.config.study import Arm, ParamSpec, StudyFile
-from orchestrator.execution.trial_settings import Role, TrialSettings
-from orchestrator.results import Status
-
-
-def status(errored: bool, finished: bool, final: bool, role: Role) -> Status:
-    """Our vocabulary for what Tune saw: an error, a final report (every epoch trained), a warm-up that reached
-    its last kept epoch, a trial ASHA stopped, or one that has not finished."""
-    if errored:
-        return Status.FAILED
-    if final:
-        return Status.COMPLETE
-    if finished:
-        return Status.WARMED_UP if role == Role.WARMUP else Status.STOPPED_EARLY
-    return Status.INCOMPLETE
+from orchestrator.execution.trial_outcome import TrialOutcome
+from orchestrator.execution.trial_settings import TrialSettings
 
 
 @dataclass
@@ -218,17 +206,18 @@ class PerArm(FIFOScheduler):
 
 
 class Rounds(SavedWhole):
-    """Fixed trials in rounds from one Tune experiment: `plan(rows)` gives the next round's trials from one row
-    per finished trial ([] when there is nothing left to run); a round starts when the last one has finished.
-    The sequential confirmation adds seeds this way, in warm workers, and a resumed driver continues the round
-    it was in: Tune saves this searcher (the trials issued, the rows, the plan) with the experiment."""
+    """Fixed trials in rounds from one Tune experiment: `plan(outcomes)` gives the next round's trials from the
+    TrialOutcome of every finished trial ([] when there is nothing left to run); a round starts when the last
+    one has finished. The sequential confirmation adds seeds this way, in warm workers, and a resumed driver
+    continues the round it was in: Tune saves this searcher (the trials issued, their outcomes, the plan) with
+    the experiment."""
 
-    def __init__(self, plan: Callable[[list[dict]], list[TrialSettings]]) -> None:
+    def __init__(self, plan: Callable[[list[TrialOutcome]], list[TrialSettings]]) -> None:
         super().__init__()
         self.plan = plan
         self.queue = list(plan([]))
         self.issued: dict[str, TrialSettings] = {}
-        self.rows: dict[str, dict] = {}
+        self.rows: dict[str, TrialOutcome] = {}
         self.rounds = 1 if self.queue else 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -247,9 +236,5 @@ class Rounds(SavedWhole):
         return settings.tune_config()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        settings, result = self.issued[trial_id], result or {}
-        final = bool(result.get("final")) and not error
-        self.rows[trial_id] = {"configuration": settings.configuration, "seed": settings.seed, "label": settings.label,
-                               "status": str(status(error, True, final, settings.role)),
-                               "test_clean_acc": result.get("test/clean_acc") if final else None,
-                               "test_robust_acc": result.get("test/robust_acc") if final else None}
+        self.rows[trial_id] = TrialOutcome.of(self.issued[trial_id], result, errored=error, ended=True,
+                                              error="the trial failed" if error else None)

@@ -30,19 +30,17 @@ from ray import tune
 
 from ns_core.checkpoint import CheckpointError, load_checkpoint
 from ns_core.training import Trainer
+from orchestrator.execution.trial_outcome import RUN_ID, report_values
 from orchestrator.execution.trial_settings import Role, TrialSettings
 from orchestrator.execution.warmup import fork_point
-from orchestrator.record.tracking import PARENT_TAG, Tracker
+from orchestrator.record import tags
+from orchestrator.record.tracking import Tracker
 from orchestrator.results import FAILURES, failure_kind
-from orchestrator.run import FAILURE_TAG, run_experiment
+from orchestrator.run import run_experiment
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer.pt"  # an nslab checkpoint (ns_core.checkpoint), loadable with weights_only=True
 META_FILE = "nslab.json"  # {"mlflow_run_id", "trial_id", "epoch"}
-TRIAL_ID_TAG = "nslab.trial_id"
-ROLE_TAG = "nslab.role"
-ARM_TAG = "nslab.arm"
-FINAL_TAG = "nslab.final"
 
 
 class TrialFailed(RuntimeError):
@@ -65,47 +63,47 @@ def train_trial(settings: TrialSettings) -> None:
     run_id = run_id or find_trial_run(tracker, record.parent_run_id, trial_id)
     if run_id:
         run = tracker.get_run(run_id)
-        reason = run.data.tags.get(FAILURE_TAG, "")
+        reason = run.data.tags.get(tags.FAILURE, "")
         if run.info.status == "FAILED" and failure_kind(reason):
             raise TrialFailed(reason)
-        if run.data.tags.get(FINAL_TAG) == "1":  # finished before the interruption: report, do not retrain
-            tune.report({**run.data.metrics, "epoch": experiment.train.epochs, "final": 1.0, "mlflow_run_id": run_id})
+        if run.data.tags.get(tags.FINAL) == "1":  # finished before the interruption: report, do not retrain
+            tune.report(report_values({**run.data.metrics, "epoch": experiment.train.epochs}, run_id, final=True))
             return
         tracker.reopen(run_id)
     else:
-        tags = {TRIAL_ID_TAG: trial_id, ROLE_TAG: settings.role, "nslab.kind": "trial", "nslab.study": record.study,
-                "nslab.label": settings.label, "nslab.overrides": json.dumps(dict(settings.overrides))}
+        run_tags = {tags.TRIAL_ID: trial_id, tags.ROLE: settings.role, tags.KIND: tags.Kind.TRIAL,
+                    tags.STUDY: record.study, tags.LABEL: settings.label,
+                    tags.OVERRIDES: json.dumps(dict(settings.overrides))}
         if settings.arm:
-            tags[ARM_TAG] = settings.arm
-        run_id = tracker.start_run(settings.label, parent_run_id=record.parent_run_id, tags=tags)
-    tracker.set_tags(run_id, {"nslab.checkpoint_dir": persistent_trial_dir(context),
-                              "nslab.device": "cuda" if torch.cuda.is_available() else "cpu",
-                              "nslab.worker": f"{socket.gethostname()}:{os.getpid()}"})
+            run_tags[tags.ARM] = settings.arm
+        run_id = tracker.start_run(settings.label, parent_run_id=record.parent_run_id, tags=run_tags)
+    tracker.set_tags(run_id, {tags.CHECKPOINT_DIR: persistent_trial_dir(context),
+                              tags.DEVICE: "cuda" if torch.cuda.is_available() else "cpu",
+                              tags.WORKER: f"{socket.gethostname()}:{os.getpid()}"})
 
     # 2. A fresh trial with a shared warm-up forks from the warm-up's state at its own warm-up length.
     fork = fork_point(experiment, settings.forks) if state is None else None
     if fork is not None:
         epoch, path = fork
         state = load_checkpoint(Path(path) / STATE_FILE)
-        tracker.set_tags(run_id, {"nslab.forked_from": f"{path} (after epoch {epoch})"})
+        tracker.set_tags(run_id, {tags.FORKED_FROM: f"{path} (after epoch {epoch})"})
         log.info("trial %s forks from the shared warm-up after epoch %d", trial_id, epoch)
     elif state is not None:
-        tracker.set_tags(run_id, {"nslab.resumed_from_epoch": state["epoch"]})
+        tracker.set_tags(run_id, {tags.RESUMED_FROM_EPOCH: state["epoch"]})
 
     # 3. Train through the one run path; each epoch reports to Tune with a checkpoint.
     keep = set(settings.keep_epochs)
 
     def report(metrics: dict, trainer: Trainer, final: bool) -> None:
-        result = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        result.update(mlflow_run_id=run_id, final=float(final))
+        result = report_values(metrics, run_id, final)
         if final:
-            tracker.set_tags(run_id, {FINAL_TAG: "1"})
+            tracker.set_tags(run_id, {tags.FINAL: "1"})
         if settings.role == Role.WARMUP and trainer.epoch not in keep and trainer.epoch != settings.until:
             tune.report(result)
             return
         with tempfile.TemporaryDirectory(prefix="nslab-ckpt-") as directory:
             trainer.save_checkpoint(Path(directory) / STATE_FILE)
-            meta = {"mlflow_run_id": run_id, "trial_id": trial_id, "epoch": trainer.epoch}
+            meta = {RUN_ID: run_id, "trial_id": trial_id, "epoch": trainer.epoch}
             (Path(directory) / META_FILE).write_text(json.dumps(meta))
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
 
@@ -140,7 +138,7 @@ def restore(checkpoint) -> tuple[dict | None, str | None]:
     for candidate in [checkpoint, *_older(checkpoint)]:
         with candidate.as_directory() as directory:
             try:
-                run_id = json.loads((Path(directory) / META_FILE).read_text())["mlflow_run_id"]
+                run_id = json.loads((Path(directory) / META_FILE).read_text())[RUN_ID]
                 state = load_checkpoint(Path(directory) / STATE_FILE)
             except (CheckpointError, OSError, ValueError, KeyError) as err:
                 log.warning("trial checkpoint %s is unusable (%s); trying the one before it", candidate.path, err)
@@ -168,5 +166,5 @@ def _older(checkpoint) -> list:
 
 def find_trial_run(tracker: Tracker, parent_run_id: str, trial_id: str) -> str | None:
     """The child run this trial made before (a restart without a checkpoint), if any."""
-    runs = tracker.find_runs(f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    runs = tracker.find_runs(f"tags.`{tags.TRIAL_ID}` = '{trial_id}' and tags.`{tags.PARENT}` = '{parent_run_id}'")
     return runs[-1].info.run_id if runs else None  # find_runs is newest first: keep the oldest

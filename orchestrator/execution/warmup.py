@@ -5,7 +5,7 @@ switches on, so those epochs are the base method's. Trials whose base-method tra
 their warm-ups need them trained once: one warm-up trial of the base method trains to the longest warm-up its
 group needs, keeping a checkpoint after each warm-up length; every SNS trial of the group forks from its own
 length and a base-method trial of the group continues the longest. A fork ends with the same weights as a
-run from scratch (tests/test_study.py checks it bit for bit on the CPU).
+run from scratch (tests/test_training.py checks it bit for bit on the CPU).
 
 The one rule: trials share when their `trajectory_key` is equal. The key is everything that shapes the base
 trajectory: data, model, seed, training attack, the base method and its parameters, and the whole training
@@ -22,11 +22,15 @@ shapes training is in the key by default; a searched continuous learning rate gi
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 from ns_core.objectives import SNS_BASES
 from orchestrator.config.experiment import ExperimentConfig
+from orchestrator.config.study import StudyFile
 from orchestrator.execution.trial_settings import Record, Role, TrialSettings
+
+log = logging.getLogger(__name__)
 
 UNSHAPING = ("sns", "eval", "name")  # experiment blocks that do not shape a base-method trajectory
 
@@ -114,3 +118,32 @@ def epochs_saved(histories: Iterable[tuple[int, int]], warmup_epochs: int) -> tu
         trained += last - first + 1
         unshared += last
     return trained, unshared
+
+
+# ---- the search's shared warm-up -------------------------------------------------------------------
+
+
+def search_warmup_plan(study: StudyFile) -> list[int] | None:
+    """The warm-up lengths (epochs) one shared warm-up trial of the search keeps checkpoints at, when every trial
+    of the method's arm would train the same base-method warm-up epochs; else None (and the log says why)."""
+    method = study.arms()[-1]
+    lengths = sorted(search_warmup_lengths(study) - {0})
+    if not (study.study.share_warmup and lengths and not any(shapes_trajectory(p) for p in method.space)
+            and takes_part(method.experiment) and study.experiment.method == "sns"):
+        if study.study.share_warmup and lengths:
+            moved = [p for p in method.space if shapes_trajectory(p)]
+            log.info("no shared warm-up in the search: its trials differ in %s, which shape the warm-up epochs",
+                     ", ".join(moved))
+        return None
+    return lengths
+
+
+def search_warmup_lengths(study: StudyFile) -> set[int]:
+    """Every SNS warm-up length a trial of the method's arm may ask for."""
+    epochs, space = study.experiment.train.epochs, study.search_space
+    if "sns.warmup_epochs" in space:
+        return {min(int(v), epochs) for v in space["sns.warmup_epochs"].values()}
+    if "sns.warmup_share" in space:
+        low, high = space["sns.warmup_share"].low, space["sns.warmup_share"].high
+        return {int((low + (high - low) * i / 1000) * epochs + 0.5) for i in range(1001)}
+    return {warmup_length(study.experiment)}

@@ -30,8 +30,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.record.tags import PARENT
+
 log = logging.getLogger(__name__)
-PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000
 
 
@@ -216,7 +217,7 @@ class Tracker:
                   tags: Mapping[str, str] | None = None) -> str:
         all_tags = dict(tags or {})
         if parent_run_id:
-            all_tags[PARENT_TAG] = parent_run_id
+            all_tags[PARENT] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         if params:
             self.log_params(run.info.run_id, params)
@@ -290,7 +291,7 @@ class Tracker:
 
     def children(self, parent_run_id: str) -> list:
         """Child runs of a parent, oldest first (mlflow Run objects)."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT}` = '{parent_run_id}'",
                                        max_results=10000, order_by=["attributes.start_time ASC"])
         return list(runs)
 

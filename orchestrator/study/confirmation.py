@@ -12,7 +12,7 @@ Per comparison: the paired differences seed by seed (robust and clean), their me
 paired-bootstrap probability of improvement, and a decision (orchestrator/study/decision.py). While a comparison is
 undecided and fewer than `confirm.max_seeds` seeds ran, the next round adds fresh seeds. The rounds run in one
 Tune experiment (`confirm`, warm workers throughout) whose searcher plans each round from the finished ones
-(orchestrator/execution/phases.py `Rounds`) and is saved with it, so a driver killed between seeds resumes with every
+(orchestrator/execution/search.py `Rounds`) and is saved with it, so a driver killed between seeds resumes with every
 seed it finished and trains none of them twice: the decisions replay from the same results.
 """
 
@@ -26,8 +26,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from ns_core.attacks import Attack
+from orchestrator.config.loader import apply_overrides
 from orchestrator.config.study import Arm, StudyFile
-from orchestrator.execution.phases import TrialLog, result_status, run_rounds
+from orchestrator.execution.phases import TrialLog, run_rounds
+from orchestrator.execution.trial_outcome import TrialOutcome
 from orchestrator.execution.trial_settings import Record, Role, TrialSettings
 from orchestrator.results import Status, count, failure_kind, finite, fmt, pct, points, rows_table, verdict_sentence
 from orchestrator.study.decision import (
@@ -160,16 +163,16 @@ def run_confirmation(study: StudyFile, rows: list[dict], pareto: list[bool], rec
                       max_failures=study.study.max_failures,
                       callbacks=[TrialLog(record.tracking_uri, record.mlflow_experiment,
                                           ["test/clean_acc", "test/robust_acc"], phase="confirm")])
-    results = [confirmation_row(result) for result in grid]
+    results = [confirmation_row(TrialOutcome.of_result(result)) for result in grid]
     return summarize(study, results, configurations, rounds_of(study, len({r["seed"] for r in results}),
                                                                len(configurations)))
 
 
 def plan_round(study: StudyFile, configurations: list[Configuration], record: Record,
-               rows: list[dict]) -> list[TrialSettings]:
+               outcomes: list[TrialOutcome]) -> list[TrialSettings]:
     """The next round's trials: the first seeds; then, while a comparison is undecided, fresh seeds."""
-    if rows:
-        confirmation = summarize(study, rows, configurations, 0)
+    if outcomes:
+        confirmation = summarize(study, [confirmation_row(o) for o in outcomes], configurations, 0)
         seeds = next_seeds(study, confirmation)
         if seeds:
             log.info("undecided after %s (%s): adding seed(s) %s", count(len(confirmation.seeds), "seed"),
@@ -179,12 +182,21 @@ def plan_round(study: StudyFile, configurations: list[Configuration], record: Re
                          for c in confirmation.comparisons if c.decision == Decision.UNDECIDED), seeds)
     else:
         seeds = study.confirm_seeds()
-    suite = tuple(study.confirm.attacks) if study.confirm.attacks else None
+    suites = {conf.name: confirm_suite(study, conf) for conf in configurations}
     return [TrialSettings(role=Role.CONFIRM, label=f"confirm-{conf.name}-s{seed}", experiment=_experiment(conf),
                           record=record, overrides={**conf.overrides, "train.seed": seed}, arm=conf.arm.name,
-                          evaluate=True, final_suite=suite, examples=study.confirm.examples, configuration=conf.name,
-                          objective=study.study.objectives[0].metric)
+                          evaluate=True, final_suite=suites[conf.name], examples=study.confirm.examples,
+                          configuration=conf.name, objective=study.study.objectives[0].metric)
             for seed in seeds for conf in configurations]
+
+
+def confirm_suite(study: StudyFile, configuration: Configuration) -> tuple[Attack, ...] | None:
+    """The confirmation attacks at the configuration's threat model (the training attack's eps and norm, searched
+    or not, wherever an attack sets none of its own); None: the experiment's final suite."""
+    if not study.confirm.attacks:
+        return None
+    experiment = apply_overrides(configuration.arm.experiment, dict(configuration.overrides))
+    return tuple(spec.resolve(experiment.attack) for spec in study.confirm.attacks)
 
 
 def rounds_of(study: StudyFile, seeds: int, configurations: int) -> int:
@@ -208,22 +220,19 @@ def _experiment(configuration: Configuration) -> dict:
     return configuration.arm.experiment.model_dump(mode="json")
 
 
-def confirmation_row(result) -> dict[str, Any]:
-    """One (configuration, seed) of a finished round, from its Tune result."""
-    settings = TrialSettings.of(result.config)
-    metrics = result.metrics or {}
-    outcome = result_status(result)
-    ok = outcome == Status.COMPLETE
-    kind = failure_kind(str(result.error)) if result.error else None
-    flags = metrics.get("test/flags")
+def confirmation_row(outcome: TrialOutcome) -> dict[str, Any]:
+    """One (configuration, seed) of a finished round: the one row the rounds' plan and the summary both read."""
+    settings, ok = outcome.settings, outcome.ok
+    kind = failure_kind(outcome.error) if outcome.error else None
+    flags = outcome.metric("test/flags")
     return {"configuration": settings.configuration, "arm": settings.arm, "seed": settings.seed,
-            "label": settings.label, "status": str(outcome),
-            "failure": (f"failed ({kind})" if kind else "failed") if result.error else None,
-            "mlflow_run_id": metrics.get("mlflow_run_id"),
-            "test_clean_acc": metrics.get("test/clean_acc") if ok else None,
-            "test_robust_acc": metrics.get("test/robust_acc") if ok else None,
+            "label": settings.label, "status": str(outcome.status),
+            "failure": (f"failed ({kind})" if kind else "failed") if outcome.error else None,
+            "mlflow_run_id": outcome.mlflow_run_id,
+            "test_clean_acc": outcome.metric("test/clean_acc"),
+            "test_robust_acc": outcome.metric("test/robust_acc"),
             "flags": (f"{int(flags)} masking flag(s)" if flags else "none") if ok else None,
-            **{k: v for k, v in metrics.items() if k.startswith("test/") and ok}}
+            **outcome.test_metrics()}
 
 
 def summarize(study: StudyFile, results: list[dict], configurations: list[Configuration], rounds: int) -> Confirmation:
