@@ -123,8 +123,8 @@ def test_trial_runs_hold_every_epoch_once_and_only_what_tells_them_apart(study_r
 def test_the_parent_run_carries_the_answer_tables_plots_and_summary(study_run):
     study, outcome, tracker = study_run
     parent = tracker.get_run(outcome.parent_run_id)
-    assert parent.info.status == "FINISHED" and parent.data.tags["nslab.study"] == "e2e"
-    assert parent.data.tags["git_commit"] and parent.data.tags["config_hash"]
+    assert parent.info.status == "FINISHED" and parent.data.tags[tags.STUDY] == "e2e"
+    assert parent.data.tags[tags.GIT_COMMIT] and parent.data.tags[tags.CONFIG_HASH]
     verdict = outcome.confirmation.comparisons[0].verdict()
     assert verdict in parent.data.tags["mlflow.note.content"]  # the description the UI renders
     assert read_text(tracker, parent.info.run_id, "study/verdict.txt") == verdict + "\n"
