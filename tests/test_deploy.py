@@ -359,6 +359,7 @@ def test_ray_version_matches_pyproject() -> None:
     for label, doc in RAY_DOCS:
         assert cluster_spec(doc)["rayVersion"] == ray_pin, f"{label}: rayVersion differs from the ray pin"
         workers = [pod["containers"][0]["image"] for name, pod in pod_specs(doc) if name != "head"]
+        assert workers, f"{label}: no worker group"
         assert all(image.endswith("-gpu") for image in workers), f"{label}: GPU workers need a -gpu image"
 
 
@@ -495,4 +496,5 @@ def test_rayjob_runtime_env(doc: dict[str, Any]) -> None:
     assert runtime_env["pip"]["packages"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"], "pip must install nslab"
     assert runtime_env["env_vars"]["NSLAB_GIT_COMMIT"] in working_dir, "NSLAB_GIT_COMMIT is not the zip's commit"
     assert env_value(sidecar(doc), "NSLAB_SOURCE") == working_dir, "the MLflow server runs other code than the job"
-    assert spec["shutdownAfterJobFinishes"] is True and spec.get("ttlSecondsAfterFinished", 0) >= 0
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert "ttlSecondsAfterFinished" in spec and spec["ttlSecondsAfterFinished"] >= 0, "the finished job is never deleted"

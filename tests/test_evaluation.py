@@ -33,7 +33,9 @@ def test_rows_clean_first_then_attacks_then_one_worst_case_per_threat_model(pgd_
     assert worst["l2", 1.5]["correct"] == report.rows[2]["correct"]
     assert report.robust_accuracy == worst["linf", EPS]["accuracy"]
     assert report.to_arrow().schema.equals(SCHEMA, check_metadata=False)
-    assert all(r["seconds"] >= 0 for r in report.rows) and report.rows[0]["alone_accuracy"] is None
+    attacked = [r for r in report.rows if r["attack"] not in ("clean", "worst_case")]
+    assert all(r["seconds"] > 0 for r in attacked)  # each attack was timed (the clean pass may round to 0)
+    assert report.rows[0]["alone_accuracy"] is None
 
 
 def test_the_cascade_finds_the_worst_case_of_every_attack_on_every_example_for_less(pgd_at):

@@ -12,9 +12,9 @@ import torch
 import torchvision
 from torch import nn
 
-from ns_core.adapters import NormalizedClassifier
+from ns_core.adapters import adaptation_of, nslab_adaptation
 from ns_core.attacks import Attack
-from ns_core.models import Normalize, create_model, model_names, studied_layers
+from ns_core.models import Normalize, create_model, model_names, normalization_for, studied_layers
 from ns_core.objectives import create_objective
 from ns_core.sensitivity import measure_sensitivity
 
@@ -97,7 +97,8 @@ def test_normalize_statistics_follow_channels() -> None:
 def test_hooks_on_default_layers_see_unmodified_activations(name: str) -> None:
     shape = small_shape(name)
     model = built(name, shape).train()
-    assert all(not m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert relus and all(not m.inplace for m in relus)  # every built-in model has ReLUs; none runs in place
     seen: dict[str, torch.Tensor] = {}
     copies: dict[str, torch.Tensor] = {}
 
@@ -159,11 +160,14 @@ def one_line_error(call, match: str) -> str:
 def test_torchvision_resnet18_is_adapted_and_trains_through_proposed_layers(shape, no_downloads, caplog):
     torch.manual_seed(0)
     model = create_model("torchvision.models:resnet18", shape, 10)
-    assert isinstance(model, NormalizedClassifier) and list(dict(model.named_children())) == ["normalize", "net"]
-    assert isinstance(model.normalize, Normalize) and model.normalize.mean.shape == (1, shape[0], 1, 1)
-    stem = model.net.conv1  # the CIFAR stem: C input channels, 3x3 at stride 1, no max-pool
+    # adapted in place: torchvision's own module, its own names and state_dict keys, no wrapper
+    assert isinstance(model, torchvision.models.ResNet) and "conv1" in dict(model.named_children())
+    assert set(model.state_dict()) == set(torchvision.models.resnet18(num_classes=10).state_dict())
+    assert adaptation_of(model) == nslab_adaptation(shape, *normalization_for(shape[0]))
+    assert model.nslab_mean.shape == (1, shape[0], 1, 1)
+    stem = model.conv1  # the CIFAR stem: C input channels, 3x3 at stride 1, no max-pool
     assert (stem.in_channels, stem.kernel_size, stem.stride, stem.padding) == (shape[0], (3, 3), (1, 1), (1, 1))
-    assert isinstance(model.net.maxpool, nn.Identity)
+    assert isinstance(model.maxpool, nn.Identity)
     assert not [name for name, m in model.named_modules() if getattr(m, "inplace", False)]
     x = inputs(shape).repeat(2, 1, 1, 1)  # (4, C, H, W)
     y = torch.tensor([0, 3, 7, 9])
@@ -172,8 +176,8 @@ def test_torchvision_resnet18_is_adapted_and_trains_through_proposed_layers(shap
     with caplog.at_level(logging.INFO, logger="ns_core"):
         layers = studied_layers(model)
         assert studied_layers(model) == layers  # the same, and logged once per model
-    assert layers == ["net.layer1", "net.layer2", "net.layer3", "net.layer4"]
-    messages = [r.getMessage() for r in caplog.records if "net.layer1" in r.getMessage()]
+    assert layers == ["layer1", "layer2", "layer3", "layer4"]
+    messages = [r.getMessage() for r in caplog.records if "'layer1'" in r.getMessage()]
     assert len(messages) == 1 and "\n" not in messages[0] and "ResNet" in messages[0]
     assert create_objective("pgd_at", attack=None).watched_layers(model) == layers
 
@@ -186,17 +190,17 @@ def test_torchvision_resnet18_is_adapted_and_trains_through_proposed_layers(shap
     assert 0 < (x_adv - x).abs().max() <= 0.1 + 1e-6
     loss, parts = sns.loss(model, x, y, x_adv)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = model.net.fc.weight.detach().clone()
+    before = model.fc.weight.detach().clone()
     optimizer.zero_grad()
     loss.backward()  # through the hooked block outputs into every layer
     optimizer.step()
-    assert torch.isfinite(loss) and parts["sns_reg"] > 0 and not torch.equal(before, model.net.fc.weight)
+    assert torch.isfinite(loss) and parts["sns_reg"] > 0 and not torch.equal(before, model.fc.weight)
     smap = measure_sensitivity(model, [(x, x_adv)], layers)
     assert smap.layers == layers and all(torch.isfinite(s).all() and s.numel() > 0 for s in smap.absolute.values())
 
     # torchvision's BasicBlock applies one ReLU twice: refused, pointing at the block around it
-    one_line_error(lambda: studied_layers(model, ["net.layer1.0.relu"]),
-                   "'net.layer1.0.relu' runs 2 times per forward.*'net.layer1.0'")
+    one_line_error(lambda: studied_layers(model, ["layer1.0.relu"]),
+                   "'layer1.0.relu' runs 2 times per forward.*'layer1.0'")
 
 
 @pytest.mark.parametrize(("name", "shape", "count"), [("mobilenet_v2", (3, 32, 32), 35), ("vgg11_bn", (1, 28, 28), 10)],
@@ -207,7 +211,7 @@ def test_other_torchvision_classifiers_build_and_propose_their_activations(name,
     assert not [n for n, m in model.named_modules() if getattr(m, "inplace", False)]
     layers = studied_layers(model)  # no residual blocks: every ReLU/ReLU6 module, each used once
     modules = dict(model.named_modules())
-    assert len(layers) == count and all(isinstance(modules[layer], (nn.ReLU, nn.ReLU6)) for layer in layers)
+    assert len(layers) == count > 0 and all(isinstance(modules[layer], (nn.ReLU, nn.ReLU6)) for layer in layers)
     calls: dict[str, int] = dict.fromkeys(layers, 0)
     handles = [modules[layer].register_forward_hook(lambda m, a, o, k=layer: calls.update({k: calls[k] + 1}))
                for layer in layers]
@@ -220,10 +224,10 @@ def test_other_torchvision_classifiers_build_and_propose_their_activations(name,
 
 def test_a_factory_that_takes_only_num_classes_is_adapted():
     model = create_model("user_models:classes_only_cnn", (1, 28, 28), 5)
-    assert isinstance(model, NormalizedClassifier)
-    assert (model.net[0].in_channels, model.net[0].kernel_size, model.net[0].stride) == (1, (3, 3), (1, 1))
-    assert isinstance(model.net[3], nn.Identity) and not model.net[2].inplace
-    assert studied_layers(model) == ["net.2", "net.5"]
+    assert isinstance(model, nn.Sequential) and adaptation_of(model) is not None
+    assert (model[0].in_channels, model[0].kernel_size, model[0].stride) == (1, (3, 3), (1, 1))
+    assert isinstance(model[3], nn.Identity) and not model[2].inplace
+    assert studied_layers(model) == ["2", "5"]
 
 
 def test_a_user_model_without_default_layers_gets_proposed_or_given_layers(caplog):
@@ -249,7 +253,7 @@ def test_unknown_layer_names_are_one_line_with_the_closest_name():
     model = built("lenet5", (1, 28, 28))
     one_line_error(lambda: studied_layers(model, ["relu_3"]), "unknown layer 'relu_3' \\(did you mean 'relu3'\\?\\)")
     tv = create_model("torchvision.models:resnet18", (3, 32, 32), 10)
-    one_line_error(lambda: studied_layers(tv, ["net.layr2"]), "did you mean 'net.layer2'")
+    one_line_error(lambda: studied_layers(tv, ["layr2"]), "did you mean 'layer2'")
 
 
 def test_proposal_matches_the_hand_chosen_layers_of_the_builtins():
