@@ -40,7 +40,8 @@ DATASETS = Registry("dataset", import_paths=True)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # from Debian's dataset-fashion-mnist
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
-OFFLINE_FIX = "(or pass download=True / --download where there is internet)"
+OFFLINE_FIX = ("(or, where there is internet, let torchvision download it: --download on the command line, "
+               "download=True from Python)")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 
 
@@ -299,13 +300,22 @@ def _gunzip_missing(raw: Path, sources: list[Path]) -> None:
 
 def _torchvision(make: Callable[[bool], object], missing: str) -> tuple[object, object]:
     """Train and test datasets from a torchvision constructor `make(train: bool)`; torchvision's "not
-    found" RuntimeError becomes a one-line DatasetNotFound that says where and how to fix it."""
+    found" RuntimeError becomes a one-line DatasetNotFound that says where and how to fix it (`missing`, which
+    ends with OFFLINE_FIX), and so does a download that was asked for and failed (no network, a root that
+    cannot be written)."""
     try:
         return make(True), make(False)
     except RuntimeError as error:
-        if "not found" not in str(error):
+        if "not found" in str(error):
+            raise DatasetNotFound(missing) from None
+        if "Error downloading" not in str(error):  # torchvision's MNIST-style loop over its mirrors
             raise
-        raise DatasetNotFound(missing) from None
+        failure = error
+    except OSError as error:  # urllib's URLError is an OSError: only a download reaches the network
+        failure = error
+    reason = " ".join(str(getattr(failure, "reason", None) or failure).split())
+    reason = reason if len(reason) <= 200 else reason[:199] + "…"
+    raise DatasetNotFound(f"the download failed ({reason}); {missing.removesuffix(OFFLINE_FIX).strip()}")
 
 
 def _uint8(images, labels, channels_last: bool = False) -> Split:

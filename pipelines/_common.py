@@ -67,6 +67,14 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def add_download_flag(parser: argparse.ArgumentParser) -> None:
+    """--download: the one way a pipeline lets torchvision fetch a dataset whose files are missing (= the
+    config's `data.download: true`); without it nothing downloads and a missing dataset is one line."""
+    parser.add_argument("--download", action="store_true",
+                        help="download the dataset's files if they are missing (needs internet; default: never "
+                             "download, a missing dataset is an error naming where its files go)")
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number >= 1."""
     try:

@@ -24,6 +24,7 @@ from pipelines._common import (
     Parser,
     Timer,
     add_common_flags,
+    add_download_flag,
     check_tracking_location,
     positive_int,
     run_cli,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="attack randomness (random starts)")
     parser.add_argument("--out", metavar="DIR", help="also write robust_accuracy.parquet and checks.parquet into DIR")
     parser.add_argument("--experiment-name", default="nslab", help="MLflow experiment (default: nslab)")
+    add_download_flag(parser)
     add_common_flags(parser)
     return parser
 
@@ -98,8 +100,9 @@ def _evaluate(args, checkpoint: Path, attacks: list, examples: int | None) -> in
     timer = Timer()
     model, meta = load_model(checkpoint, args.device)
     experiment = validate(ExperimentConfig, meta["config"], source=str(checkpoint))
-    if args.data_root:
-        experiment = apply_overrides(experiment, {"data.root": args.data_root})
+    if args.data_root or args.download:
+        experiment = apply_overrides(experiment, {"data.root": args.data_root or experiment.data.root,
+                                                  "data.download": args.download or experiment.data.download})
     data = load_data(experiment)
     if tuple(data.input_shape) != tuple(meta["input_shape"]):
         raise ValueError(f"{checkpoint} holds a model for inputs {tuple(meta['input_shape'])}, but "

@@ -30,6 +30,7 @@ from pipelines._common import (
     EXIT_INTERRUPTED,
     Parser,
     add_common_flags,
+    add_download_flag,
     check_tracking_location,
     positive_int,
     prog,
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a study field, e.g. --set experiment.train.epochs=6 (repeatable; YAML values)")
     parser.add_argument("--keep-gpu", action="store_true",
                         help="keep the GPU request even if no GPU is in the cluster yet (autoscaling GPU workers)")
+    add_download_flag(parser)
     add_common_flags(parser)
     return parser
 
@@ -75,17 +77,29 @@ def flag_overrides(args) -> tuple[dict[str, Any], dict[str, str]]:
                               ("--tracking-uri", "tracking.uri", args.tracking_uri)):
         if value is not None:
             overrides[path], origins[path] = value, f"{flag} {value}"
+    if args.download:
+        overrides["experiment.data.download"], origins["experiment.data.download"] = True, "--download"
     return overrides, origins
 
 
-def study_name(base: str, storage: str, latest: bool) -> str:
-    """<base>-<date>-<time> for a new study; the newest existing <base>-* directory to resume or confirm."""
+def study_name(base: str, storage: str, latest: bool) -> str | None:
+    """<base>-<date>-<time> for a new study; the newest existing <base>-* directory to resume or confirm (None
+    when there is none)."""
     if not latest:
         return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
     found = sorted(Path(storage).glob(f"{base}-*")) if "://" not in storage else []
-    if not found:
-        raise FileNotFoundError(f"no study named {base}-* under {storage} to continue; pass --name")
-    return max(found, key=lambda p: p.stat().st_mtime).name
+    return max(found, key=lambda p: p.stat().st_mtime).name if found else None
+
+
+def searched(args, study: StudyFile) -> str:
+    """Where this command looks for studies, in words: ./ray_results of the current directory unless --storage
+    or the config's storage.ray say otherwise."""
+    here = Path.cwd().resolve() / "ray_results"
+    if args.storage:
+        return f"--storage {study.storage.ray}"
+    if study.storage.ray == str(here):
+        return f"ray_results in the current directory ({here}; --storage PATH looks elsewhere)"
+    return f"storage.ray of {args.config} ({study.storage.ray}; --storage PATH looks elsewhere)"
 
 
 def load(args) -> tuple[StudyFile, dict[str, Any], str]:
@@ -93,7 +107,11 @@ def load(args) -> tuple[StudyFile, dict[str, Any], str]:
     Returns (study, launch record, name)."""
     overrides, origins = flag_overrides(args)
     study = load_study(args.config, overrides, origins)
+    flag = "--resume" if args.resume else "--confirm-only"
     name = args.name or study_name(study.study.name, study.storage.ray, args.resume or args.confirm_only)
+    if name is None:
+        raise FileNotFoundError(f"{flag}: no study {study.study.name}-* in {searched(args, study)}; run the "
+                                f"command in the directory the study ran in, or start one without {flag}")
     launch = {"config": str(Path(args.config).resolve()), "overrides": overrides, "origins": origins,
               "smoke": bool(args.smoke_test)}
     if args.resume or args.confirm_only:
@@ -101,9 +119,8 @@ def load(args) -> tuple[StudyFile, dict[str, Any], str]:
 
         started = read_launch(study_dir(study, name))
         if started is None:
-            what = "resume" if args.resume else "confirm"
-            raise FileNotFoundError(f"no study {name!r} to {what} at {study_dir(study, name)}; start it without "
-                                    f"--{'resume' if args.resume else 'confirm-only'} (or pass the --storage it used)")
+            raise FileNotFoundError(f"{flag}: no study {name!r} in {searched(args, study)}; run the command in the "
+                                    f"directory the study ran in, or start it without {flag}")
         launch = reconcile(launch, started, name)
         overrides = {**launch["overrides"], **{p: v for p, v in overrides.items() if p in LOCATIONS}}
         study = load_study(args.config, overrides, launch.get("origins"))
@@ -165,6 +182,34 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def progress(args, study: StudyFile, name: str) -> str:
+    """What --resume or --confirm-only would do to the existing study `name`, read from its MLflow parent run
+    and its Ray results without changing either: it is finished (and would train nothing), its search finished
+    without a confirmation (which they would run), or it was interrupted (and they continue it)."""
+    from orchestrator.record import tags
+    from orchestrator.record.tracking import find_study
+    from orchestrator.study.driver import study_dir
+
+    try:
+        parent = find_study(study.tracking.uri, study.tracking.experiment, name)
+    except LookupError as err:
+        flag = "--resume" if args.resume else "--confirm-only"
+        return f"study {name} has Ray results but no MLflow record ({err}); {flag} continues it from its Ray state"
+    status, run = parent.info.status, parent.info.run_id
+    confirmed = (Path(study_dir(study, name)) / "confirm").exists()
+    wants_confirmation = study.confirm is not None and not args.no_confirm
+    if status == "FINISHED" and (confirmed or not wants_confirmation):
+        verdict = parent.data.tags.get(tags.VERDICT) or "see its study/verdict.txt"
+        return (f"study {name} is finished (MLflow parent run {run}: {verdict}); --resume would train nothing, only "
+                "read its finished trials back and write the same record again; start a new study (without "
+                "--resume and --name) to run it again")
+    if status == "FINISHED":
+        return (f"study {name} finished its search without a confirmation (MLflow parent run {run}); --resume or "
+                "--confirm-only runs the confirmation on the test split")
+    return (f"study {name} was interrupted (MLflow parent run {run} is {status}); --resume continues it where it "
+            "stopped: unfinished trials from their last checkpoints, in their own runs")
+
+
 def dry_run(args, study: StudyFile, name: str, ready: dict) -> int:
     print(settings_text(study), end="")
     for arm, found in ready.items():
@@ -173,6 +218,8 @@ def dry_run(args, study: StudyFile, name: str, ready: dict) -> int:
     confirm = "no confirmation" if study.confirm is None or args.no_confirm else (
         f"confirmation on seeds {study.confirm_seeds()}, up to {study.confirm.max_seeds} seeds until decided")
     print(f"# dry run: config {args.config} is valid; study {name}: {arms}; {confirm}")
+    if args.resume or args.confirm_only:
+        print(f"# {progress(args, study, name)}")
     return 0
 
 

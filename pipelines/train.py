@@ -24,6 +24,7 @@ from pipelines._common import (
     Parser,
     Timer,
     add_common_flags,
+    add_download_flag,
     check_tracking_location,
     prog,
     run_cli,
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-dir", default="runs", help="where runs/<name>/checkpoint.pt goes (default: ./runs)")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     parser.add_argument("--experiment-name", default="nslab", help="MLflow experiment (default: nslab)")
+    add_download_flag(parser)
     add_common_flags(parser)
     return parser
 
@@ -50,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    experiment = load_config(args.config, ExperimentConfig, parse_set(args.set))
+    overrides, origins = parse_set(args.set), {}
+    if args.download:
+        overrides["data.download"], origins["data.download"] = True, "--download"
+    experiment = load_config(args.config, ExperimentConfig, overrides, origins)
     if args.smoke_test:
         experiment = smoke_experiment(experiment)
     name = args.name or experiment.name + ("-smoke" if args.smoke_test else "")
@@ -62,7 +67,7 @@ def _main(argv: list[str] | None) -> int:
     from ns_core.checkpoint import checkpoint_summary, load_checkpoint
 
     state = None if args.fresh or not checkpoint.exists() else load_checkpoint(checkpoint, fallback=True)
-    if state is not None and state["metadata"].get("config") != experiment.model_dump(mode="json"):
+    if state is not None and not same_training(state["metadata"].get("config"), experiment.model_dump(mode="json")):
         raise ValueError(f"{checkpoint} was trained with another config; pass --fresh to start over or --name NEW "
                          "for a separate run")
     ready = preflight(experiment)  # data files, the model on a dummy batch, its layers: one line, before any run
@@ -123,6 +128,15 @@ def _main(argv: list[str] | None) -> int:
     print(f"\ncheckpoint {checkpoint}")
     print(f"MLflow run {run_id}; open the UI:  {tracker.ui_command()}")
     return 0
+
+
+def same_training(saved: dict | None, asked: dict) -> bool:
+    """Whether a checkpoint's config trains what the command asks for (where the data may be fetched from,
+    `data.download`, changes nothing it computes)."""
+    def computed(config: dict | None) -> dict | None:
+        return None if config is None else {**config, "data": {**config.get("data", {}), "download": False}}
+
+    return computed(saved) == computed(asked)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,6 +215,8 @@ def test_bad_study_config_is_one_line_and_exit_2(case, tmp_path, capsys):
     ("pipelines.train", {"base": str(REPO / "configs/experiment/quick.yaml"), "model": "lenet"},
      "config error: model: unknown model 'lenet'; choose one of: lenet5,"),
     ("pipelines.train", None, "config error: config file"),
+    ("pipelines.train", {"base": str(TINY)}, "config error: {path} is a study config, not an experiment config; run "
+                                             "it with python -m pipelines.study"),  # not an unknown key per block
 ])
 def test_cli_subprocess_prints_one_line_and_exits_2(module, config, start, tmp_path):
     path = _write(tmp_path, "bad.yaml", config) if config else tmp_path / "missing.yaml"
@@ -222,7 +224,28 @@ def test_cli_subprocess_prints_one_line_and_exits_2(module, config, start, tmp_p
     result = subprocess.run([sys.executable, "-m", module, "--config", str(path), "--dry-run"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(start.format(path=path)), result.stderr
+
+
+def test_a_search_space_entry_is_set_like_any_other_path(tmp_path):
+    """`--set search_space.sns.lam.high=0.5`: the key of a search-space entry is an experiment path (aliases
+    and all), followed by a field of the entry; a whole entry is one value, and null removes it."""
+    study = load_study(TINY, parse_set(["search_space.sns.lam.high=0.5", "search_space.sns.lambda.log=false"]))
+    assert (study.search_space["sns.lam"].high, study.search_space["sns.lam"].log) == (0.5, False)
+    assert study.search_space["sns.lam"].low == 0.001  # the rest of the entry is the file's
+    study = load_study(TINY, parse_set(["search_space.train.lr={type: float, low: 0.001, high: 0.01}",
+                                        "search_space.sns.fraction=null"]))
+    assert set(study.search_space) == {"sns.lam", "train.lr"} and study.search_space["train.lr"].high == 0.01
+    data = yaml.safe_load(TINY.read_text())
+    data["experiment"]["base"] = str(QUICK)
+    data["search_space"] = {"sns.lambda": {"type": "float", "low": 0.01, "high": 1.0}}
+    aliased = _write(tmp_path, "alias.yaml", data)
+    study = load_study(aliased, parse_set(["search_space.sns.lam.high=0.2"]))  # the file's alias, the same entry
+    assert study.search_space["sns.lam"].high == 0.2 and study.search_space["sns.lam"].low == 0.01
+    assert canonical_path(type(study), "search_space.sns.lambda.high") == "search_space.sns.lam.high"
+    with pytest.raises(ConfigError) as err:
+        load_study(TINY, {"search_space.sns.lam.high": 0.0001}, {"search_space.sns.lam.high": "--set X"})
+    assert str(err.value).endswith("(from --set X)")
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):

@@ -156,3 +156,127 @@ def test_the_printed_ui_command_works_from_a_shell_without_the_venv(tmp_path):
     assert os.path.isabs(program) and os.access(program, os.X_OK)  # not a bare `mlflow` that PATH may not have
     assert os.path.dirname(program) == os.path.dirname(sys.executable)  # the mlflow of nslab's own environment
     assert args[:3] == ["ui", "--backend-store-uri", uri]
+
+
+# ---- bad input at the command line: one line naming what is wrong and the fix, exit code 2 -------------------
+
+
+def _one_line(main, argv, capsys) -> str:
+    """Run a pipeline that must refuse its input: exit code 2 and a single line on stderr, which is returned."""
+    assert _exit_code(main, argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_a_missing_dataset_suggests_download_which_every_data_pipeline_takes(tmp_path, capsys, monkeypatch):
+    """The fix the message names exists: --download reaches torchvision (asked only then), and a download that
+    fails (no network here) is one line too."""
+    from urllib.error import URLError
+
+    from torchvision import datasets
+
+    asked = []
+
+    def offline(self):
+        asked.append(self.root)
+        raise URLError("offline in this test")
+
+    monkeypatch.setattr(datasets.MNIST, "download", offline)
+    config = ["--config", str(REPO / "configs/experiment/quick.yaml"), "--dry-run", "--set", "dataset=mnist",
+              "--set", f"data.root={tmp_path / 'data'}", "--runs-dir", str(tmp_path / "runs")]
+    line = _one_line(train.main, config, capsys)
+    assert "MNIST not found in" in line and "--download" in line and not asked
+    line = _one_line(train.main, [*config, "--download"], capsys)
+    assert line.startswith("error: the download failed (offline in this test); MNIST not found in") and asked
+    study_config = ["--config", str(REPO / "configs/study/tiny.yaml"), "--dry-run", "--set", "experiment.dataset=mnist",
+                    "--set", f"experiment.data.root={tmp_path / 'study-data'}"]
+    assert "--download" in _one_line(study.main, study_config, capsys)
+    assert "the download failed" in _one_line(study.main, [*study_config, "--download"], capsys)
+    assert evaluate.build_parser().parse_args(["--checkpoint", "x.pt", "--download"]).download
+
+
+def test_a_set_typo_is_blamed_on_the_flag_not_the_file(capsys, tmp_path):
+    line = _one_line(train.main, ["--config", str(REPO / "configs/experiment/quick.yaml"), "--set", "sns.lamm=1",
+                                  "--dry-run", "--runs-dir", str(tmp_path)], capsys)
+    assert line.startswith("config error: 'sns.lamm' is not a field; sns has: lam")
+    assert line.endswith("did you mean 'sns.lam'? (from --set sns.lamm=1)") and "quick.yaml" not in line
+    line = _one_line(study.main, ["--config", str(REPO / "configs/study/tiny.yaml"), "--set", "sns.lam=1",
+                                  "--dry-run"], capsys)
+    assert line.endswith("did you mean 'experiment.sns.lam'? (from --set sns.lam=1)")
+
+
+def test_a_study_file_given_to_train_is_one_short_line_naming_the_command(capsys, tmp_path):
+    line = _one_line(train.main, ["--config", str(REPO / "configs/study/quick.yaml"), "--dry-run", "--runs-dir",
+                                  str(tmp_path)], capsys)
+    assert "is a study config, not an experiment config; run it with python -m pipelines.study" in line
+    assert "unknown key" not in line and len(line) < 300
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("search_space.sns.lam.hihg=1", "config error: 'search_space.sns.lam.hihg' is not a field; an entry has: type, "
+                                    "low, high, log, step, choices; did you mean 'search_space.sns.lam.high'? "
+                                    "(from --set search_space.sns.lam.hihg=1)"),
+    ("search_space.sns.lamm.high=1", "config error: search_space: 'sns.lamm' is not a field; sns has: lam"),
+    ("search_space.sns.lam.high=0.0001", "config error: search_space.sns.lam: low must be < high (got low=0.001, "
+                                         "high=0.0001) (from --set search_space.sns.lam.high=0.0001)"),
+    ("search_space.sns.fraction.high=1.5", "sns.fraction=1.5 is not valid: sns.fraction: must be <= 1"),
+    ("search_space=3", "'search_space' is a mapping; name one of its entries"),
+])
+def test_a_bad_search_space_flag_is_one_line_naming_the_flag(flag, message, capsys):
+    line = _one_line(study.main, ["--config", str(REPO / "configs/study/tiny.yaml"), "--set", flag, "--dry-run"],
+                     capsys)
+    assert message in line and "tiny.yaml" not in line, line
+    assert line.endswith(f"(from --set {flag})"), line
+
+
+def test_resume_with_nothing_to_resume_says_where_it_looked(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _one_line(study.main, ["--config", str(REPO / "configs/study/tiny.yaml"), "--resume", "--dry-run"], capsys)
+    assert line == (f"error: --resume: no study tiny-* in ray_results in the current directory ({tmp_path}/ray_results;"
+                    " --storage PATH looks elsewhere); run the command in the directory the study ran in, or start one "
+                    "without --resume")
+    line = _one_line(study.main, ["--config", str(REPO / "configs/study/tiny.yaml"), "--name", "tiny-1",
+                                  "--confirm-only", "--storage", str(tmp_path / "elsewhere"), "--dry-run"], capsys)
+    assert line == (f"error: --confirm-only: no study 'tiny-1' in --storage {tmp_path}/elsewhere; run the command in "
+                    "the directory the study ran in, or start it without --confirm-only")
+
+
+def _recorded_study(tmp_path, status: str, confirmed: bool) -> list[str]:
+    """A study as a finished (or interrupted) run leaves it: its launch file and phases under the Ray results, its
+    parent run in MLflow; returns the resume command's arguments."""
+    import json
+
+    from orchestrator.record import tags
+    from orchestrator.study.driver import LAUNCH_FILE
+
+    name, uri = "tiny-20260101-000000", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "ray" / name
+    (folder / "search").mkdir(parents=True)
+    if confirmed:
+        (folder / "confirm").mkdir()
+    (folder / LAUNCH_FILE).write_text(json.dumps({"config": "tiny.yaml", "overrides": {}, "origins": {},
+                                                  "smoke": False}))
+    tracker = Tracker(uri, "nslab-tiny")
+    parent = tracker.start_run(name, tags={tags.KIND: tags.Kind.STUDY, tags.STUDY: name,
+                                           tags.VERDICT: "SNS beats PGD-AT (+2.1 points, 3 seeds)"})
+    tracker.end_run(parent, status)
+    return ["--config", str(REPO / "configs/study/tiny.yaml"), "--storage", str(tmp_path / "ray"), "--tracking-uri",
+            uri, "--resume", "--dry-run"]
+
+
+@pytest.mark.parametrize(("status", "confirmed", "says"), [
+    ("FINISHED", True, "is finished (MLflow parent run {run}: SNS beats PGD-AT (+2.1 points, 3 seeds)); --resume "
+                       "would train nothing, only read its finished trials back and write the same record again"),
+    ("FINISHED", False, "finished its search without a confirmation (MLflow parent run {run}); --resume or "
+                        "--confirm-only runs the confirmation on the test split"),
+    ("KILLED", True, "was interrupted (MLflow parent run {run} is KILLED); --resume continues it where it stopped"),
+])
+def test_resume_dry_run_says_whether_the_study_is_finished_and_what_resume_would_do(status, confirmed, says, tmp_path,
+                                                                                     capsys):
+    argv = _recorded_study(tmp_path, status, confirmed)
+    assert study.main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    run = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "nslab-tiny").find_runs("attributes.status != ''")[0]
+    assert last.startswith("# study tiny-20260101-000000 ") and says.format(run=run.info.run_id) in last, last

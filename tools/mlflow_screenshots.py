@@ -5,13 +5,14 @@ can be made readable. It
 
 1. starts ``mlflow server`` (the ``mlflow`` next to this Python) on a free loopback port in its own process
    group and stops that group at the end, or uses ``--ui-url`` when a UI is already running;
-2. finds the newest study parent run (tag ``nslab.kind`` = ``study``, or ``--run-id``) and its child runs
-   (tag ``mlflow.parentRunId``) through ``mlflow.MlflowClient``;
+2. finds the newest study parent run (nslab's own lookup, orchestrator.record.tracking.find_study, or
+   ``--run-id``) and its child runs, by the tag names nslab writes (orchestrator/record/tags.py);
 3. drives Debian's ``/usr/bin/chromium`` through Playwright (no browser download) and saves
    ``01_runs.png`` (experiment runs table, study expanded), ``02_compare.png`` (compare view of the search
    and baseline trials), ``03_parent.png`` (parent run overview), ``04_confirmation.png`` (parent artifacts,
-   ``study/confirmation.png`` selected; ``04b_*`` for a report or verdict file), ``05_trial.png`` (one search
-   trial), each first screen plus a ``*_full.png`` of the whole scrolled page;
+   ``study/confirmation.png`` selected; ``04b_*`` for the report and the verdict, each selected by a click on
+   its node in the artifact tree), ``05_trial.png`` (one search trial), each first screen plus a
+   ``*_full.png`` of the whole scrolled page;
 4. prints one line per file (bytes, what it shows) and the visible text of the compare view's first screen.
 
     .venv/bin/python tools/mlflow_screenshots.py --tracking-uri sqlite:////abs/mlflow.db \
@@ -41,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.record import tags
+
 if TYPE_CHECKING:  # imported lazily at run time, so that --help and the error messages work without it
     from mlflow.entities import Run
     from playwright.sync_api import BrowserContext, Page
@@ -58,11 +61,13 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-STUDY_KIND_TAG = "nslab.kind"
-ROLE_TAG = "nslab.role"
-PARENT_TAG = "mlflow.parentRunId"
 COMPARE_ROLES = ("search", "baseline")
-EXTRA_PARENT_ARTIFACTS = ("study/report.md", "study/report.html", "study/verdict.txt", "verdict.txt")
+EXTRA_PARENT_ARTIFACTS = ("study/report.md", "study/verdict.txt")
+# MLflow 3.17's artifact view: each tree node carries its file name; the pane beside the tree shows the selected
+# file's full path. Going to another artifact's URL changes no selection in the page already open, so a file
+# is selected by a click on its node, and the shot waits until the pane names it.
+TREE_NODE = '[data-testid="artifact-tree-node"][artifact-name={name}]'
+SELECTED_PATH = ".mlflow-artifact-info-path .mlflow-artifact-info-text"
 MAX_FULL_HEIGHT = 16000
 
 # Browser-side preferences of the MLflow 3.x UI (localStorage, JSON values): the "Model training" workflow
@@ -192,7 +197,7 @@ class Study:
     children: list[Run]
 
     def by_role(self, *roles: str) -> list[Run]:
-        return [r for r in self.children if r.data.tags.get(ROLE_TAG) in roles]
+        return [r for r in self.children if r.data.tags.get(tags.ROLE) in roles]
 
 
 @dataclass
@@ -214,9 +219,11 @@ class Report:
 
 
 def find_study(tracking_uri: str, experiment: str, run_id: str | None) -> Study:
-    """The study parent run (newest with tag nslab.kind=study, or run_id) and its children, oldest first."""
+    """The study parent run (the newest study, or run_id) and its children, oldest first."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from orchestrator.record.tracking import find_study as newest_study
 
     if tracking_uri.startswith("sqlite:///"):
         db = Path(urllib.parse.urlparse(tracking_uri).path)
@@ -229,26 +236,15 @@ def find_study(tracking_uri: str, experiment: str, run_id: str | None) -> Study:
     try:
         if run_id:
             parent = client.get_run(run_id)
-            exp = client.get_experiment(parent.info.experiment_id)
         else:
-            exp = client.get_experiment_by_name(experiment)
-            if exp is None:
-                raise ToolError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
-            found = client.search_runs(
-                [exp.experiment_id],
-                filter_string=f"tags.`{STUDY_KIND_TAG}` = 'study'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-            if not found:
-                raise ToolError(
-                    f"no study run (tag {STUDY_KIND_TAG}=study) in experiment {experiment!r} of {tracking_uri}; "
-                    "run `python -m pipelines.study` first or pass --run-id"
-                )
-            parent = found[0]
+            try:
+                parent = newest_study(tracking_uri, experiment)
+            except LookupError as err:
+                raise ToolError(f"{err}; run `python -m pipelines.study` first or pass --run-id") from None
+        exp = client.get_experiment(parent.info.experiment_id)
         children = client.search_runs(
             [exp.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+            filter_string=f"tags.`{tags.PARENT}` = '{parent.info.run_id}'",
             order_by=["attributes.start_time ASC"],
             max_results=1000,
         )
@@ -568,7 +564,7 @@ def _shoot_compare(shooter: Shooter, study: Study, ui: str, report: Report) -> N
 
     runs = study.by_role("baseline") + study.by_role("search")  # as nslab's trial table: the baseline first
     if len(runs) < 2:
-        report.notes.append(f"compare view: skipped, {len(runs)} child run(s) with {ROLE_TAG} in {COMPARE_ROLES}")
+        report.notes.append(f"compare view: skipped, {len(runs)} child run(s) with {tags.ROLE} in {COMPARE_ROLES}")
         return
     url = compare_url(ui, study.experiment_id, [r.info.run_id for r in runs])
     page = shooter.page
@@ -585,7 +581,7 @@ def _shoot_compare(shooter: Shooter, study: Study, ui: str, report: Report) -> N
                 f"compare view: {what} ({ready}) did not render within {shooter.timeout_ms / 1000:.0f} s"
             )
     shooter.settle()
-    names = ", ".join(f"{r.info.run_name} ({r.data.tags.get(ROLE_TAG)})" for r in runs)
+    names = ", ".join(f"{r.info.run_name} ({r.data.tags.get(tags.ROLE)})" for r in runs)
     report.compare_text = list(page.evaluate(VISIBLE_TEXT_JS))
     report.compare_structure = dict(page.evaluate(COMPARE_STRUCTURE_JS))
     shooter.shoot("02_compare", f"compare view of {len(runs)} trials: {names}", report)
@@ -624,8 +620,45 @@ def _shoot_artifacts(shooter: Shooter, study: Study, ui: str, tracking_uri: str,
         shooter.settle()
     shooter.shoot("04_confirmation", f"parent run artifacts, {wanted} selected", report)
     for i, extra in enumerate(p for p in EXTRA_PARENT_ARTIFACTS if p in present):
-        shooter.open(artifact_url(ui, study.experiment_id, pid, extra), "text=Artifacts", f"artifact {extra}")
-        shooter.shoot(f"04{'bcdefg'[i]}_{Path(extra).stem}", f"parent run artifacts, {extra} selected", report)
+        problem = select_artifact(shooter, extra)
+        name = f"04{'bcdefg'[i]}_{Path(extra).stem}"
+        shooter.shoot(name, f"parent run artifacts, {extra} selected", report)
+        first = report.shots[-1].path
+        if problem is None and same_bytes(first, shooter.out / "04_confirmation.png"):
+            problem = "the page did not change after the click"
+        if problem is not None:
+            report.notes.append(f"parent artifacts: {name}.png may not show {extra}: {problem}")
+
+
+def select_artifact(shooter: Shooter, path: str) -> str | None:
+    """Select `path` in the open artifact view by clicking its tree node (opening its folders on the way) and
+    wait until the pane beside the tree names it; None when it does, else what went wrong."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    page = shooter.page
+    *folders, leaf = path.split("/")
+    try:
+        for folder in folders:
+            child = page.locator(TREE_NODE.format(name=json.dumps(leaf)))
+            if not (child.count() and child.first.is_visible()):
+                page.locator(TREE_NODE.format(name=json.dumps(folder))).first.click()
+        page.locator(TREE_NODE.format(name=json.dumps(leaf))).first.click()
+        page.wait_for_function(
+            f"() => (document.querySelector({json.dumps(SELECTED_PATH)}) || {{}}).textContent?.includes("
+            f"{json.dumps(path)})",
+            timeout=shooter.timeout_ms,
+        )
+    except PlaywrightError as err:
+        return f"selecting it in the artifact tree failed: {str(err).splitlines()[0]}"
+    shooter.settle()
+    return None
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 def _shoot_trial(shooter: Shooter, study: Study, ui: str, report: Report) -> None:
@@ -637,7 +670,7 @@ def _shoot_trial(shooter: Shooter, study: Study, ui: str, report: Report) -> Non
     shooter.open(run_url(ui, study.experiment_id, run.info.run_id), "text=Parameters", "trial run page")
     shooter.shoot(
         "05_trial",
-        f"trial run {run.info.run_name!r} ({run.data.tags.get(ROLE_TAG, '?')}, {run.info.run_id}): overview",
+        f"trial run {run.info.run_name!r} ({run.data.tags.get(tags.ROLE, '?')}, {run.info.run_id}): overview",
         report,
     )
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -102,9 +103,11 @@ def load_config(path: str | Path, cls: type[M], overrides: dict[str, Any] | None
     _check_kind(data, cls, path)
     given = {}
     for dotted, value in (overrides or {}).items():
-        full = canonical_path(cls, dotted, source=str(path))
-        _set_path(data, full, _number(full, value))
-        given[full] = (origins or {}).get(dotted) or f"--set {dotted}={_shown(value)}"
+        flag = (origins or {}).get(dotted) or f"--set {dotted}={_shown(value)}"
+        parts = _path_parts(cls, dotted, flag=flag)
+        full = ".".join(p.name for p in parts)
+        _set_parts(data, parts, _number(full, value))
+        given[full] = flag
     return validate(cls, data, source=str(path), origins=given)
 
 
@@ -118,7 +121,9 @@ def validate(cls: type[M], data: Any, source: str | None = None, origins: dict[s
         parts, froms = [], []
         for e in err.errors():
             parts.append(_format_error(e, cls))
-            froms.append(_origin(".".join(str(p) for p in e["loc"]), origins or {}))
+            # a model-wide check names its field at the start of its message ("search_space.sns.lam: ...")
+            loc = ".".join(str(p) for p in e["loc"]) or re.match(r"[\w.]*", parts[-1]).group().rstrip(".")
+            froms.append(_origin(loc, origins or {}))
         raise ConfigError(f"config error: {'; '.join(parts)}{_where(source, froms, origins)}") from None
     except ValueError as err:
         raise ConfigError(f"config error: {' '.join(str(err).split())}{_where(source, [None], origins)}") from None
@@ -168,7 +173,11 @@ def _fractions(data: Any) -> Any:
 
 
 def _check_kind(data: dict, cls: type, path: str | Path) -> None:
-    """A file of another config kind (an experiment given to the study pipeline) is one line saying so."""
+    """A file of another config kind (a study given to the train pipeline, or the reverse) is one line saying
+    so and naming the command that runs it, instead of an unknown-key error per top-level block."""
+    import orchestrator.config.analysis  # noqa: F401  (each module registers its kind when imported)
+    import orchestrator.config.study  # noqa: F401
+
     if cls not in KINDS:
         return
     fields = set(_block_fields(cls)) | {alias for alias, _ in _block_fields(cls).values() if alias} | {"base"}
@@ -185,30 +194,107 @@ def _check_kind(data: dict, cls: type, path: str | Path) -> None:
 # ---- dotted paths and overrides ------------------------------------------------------------------------
 
 
-def canonical_path(cls: type, path: str, source: str | None = None) -> str:
-    """'sns.lambda' -> 'sns.lam'; a path that names no leaf field is a ConfigError naming the valid ones."""
-    parts: list[str] = []
+def canonical_path(cls: type, path: str, source: str | None = None, flag: str | None = None) -> str:
+    """'sns.lambda' -> 'sns.lam'; a path that names no leaf field is a ConfigError naming the valid ones and
+    where the path came from: the flag that gave it (`flag`, e.g. '--set sns.lamm=1'), else the file (`source`).
+    A mapping field's key is part of the path: 'search_space.sns.lam.high' is the `high` of the entry `sns.lam`."""
+    return ".".join(p.name for p in _path_parts(cls, path, source, flag))
+
+
+class _Part(NamedTuple):
+    """One step of a dotted path into config data: a field name, or a mapping's key (`key` says how to match
+    an existing key of the data: its canonical form)."""
+
+    name: str
+    key: Callable[[str], str] | None = None
+
+
+def _path_parts(cls: type, path: str, source: str | None = None, flag: str | None = None) -> list[_Part]:
+    where_from = f" (from {flag})" if flag else f" (in {source})" if source else ""
+    parts: list[_Part] = []
     block: type | None = cls
     segments = path.split(".")
-    for i, segment in enumerate(segments):
-        fields = _block_fields(block)
+    i = 0
+    while i < len(segments):
+        segment, fields = segments[i], _block_fields(block)
         name = next((n for n, (alias, _) in fields.items() if segment in (n, alias)), None)
         if name is None:
-            where = ".".join(parts) or "the top level"
+            where = ".".join(p.name for p in parts) or "the top level"
             names = [f"{n} (alias {alias})" if alias else n for n, (alias, _) in fields.items()]
             close = difflib.get_close_matches(segment, list(fields), n=1)
-            hint = f"; did you mean {'.'.join([*parts, close[0]])!r}?" if close else ""
+            hint = f"; did you mean {'.'.join([*(p.name for p in parts), close[0]])!r}?" if close else ""
+            if not parts and not close:  # a path of a block given from the top ('sns.lam' for a study)
+                inside = [f"{n}.{path}" for n, (_, a) in fields.items() if _resolves(_nested_block(a), path)]
+                hint = f"; did you mean {inside[0]!r}?" if inside else ""
             raise ConfigError(f"config error: {path!r} is not a field; {where} has: {', '.join(names)}{hint}"
-                              + (f" (in {source})" if source else ""))
-        parts.append(name)
+                              f"{where_from}")
+        parts.append(_Part(name))
+        i += 1
+        entry = _mapping_value(fields[name][1])
+        if entry is not None:  # the rest is one of its keys, then (maybe) a field of that entry
+            if i == len(segments):
+                raise ConfigError(f"config error: {path!r} is a mapping; name one of its entries, e.g. "
+                                  f"{path}.KEY (or a field of one: {path}.KEY.{next(iter(_block_fields(entry)))})"
+                                  f"{where_from}")
+            canon = _key_canonicalizer(block, name, where_from)
+            key, rest = _split_key(segments[i:], entry, path, where_from)
+            parts.append(_Part(canon(key), canon))
+            block, segments, i = entry, rest, 0
+            continue
         block = _nested_block(fields[name][1])
-        last = i == len(segments) - 1
+        last = i == len(segments)
         if block is not None and last and not _is_dataclass(block):
             raise ConfigError(f"config error: {path!r} is a block; name one of its fields: "
                               f"{', '.join(f'{path}.{f}' for f in _block_fields(block))}")
         if block is None and not last:
-            raise ConfigError(f"config error: {'.'.join(parts)} has no sub-fields (path {path!r})")
-    return ".".join(parts)
+            raise ConfigError(f"config error: {'.'.join(p.name for p in parts)} has no sub-fields (path {path!r})")
+    return parts
+
+
+def _resolves(block: type | None, path: str) -> bool:
+    try:
+        return block is not None and bool(_path_parts(block, path))
+    except ConfigError:
+        return False
+
+
+def _mapping_value(annotation: Any) -> type | None:
+    """The model a `dict[str, Model]` field maps its keys to (search_space: ParamSpec), else None."""
+    if typing.get_origin(annotation) is dict:
+        value = typing.get_args(annotation)[1]
+        return value if isinstance(value, type) and issubclass(value, BaseModel) else None
+    return None
+
+
+def _key_canonicalizer(owner: type, field: str, where_from: str) -> Callable[[str], str]:
+    """How the model `owner` names the keys of its mapping `field` (its `mapping_keys`; a ConfigError names
+    the flag), else the key as given."""
+    rule = getattr(owner, "mapping_keys", {}).get(field)
+    if rule is None:
+        return lambda key: key
+
+    def canon(key: str) -> str:
+        try:
+            return rule(key)
+        except ConfigError as err:
+            raise ConfigError(f"config error: {field}: {str(err).removeprefix('config error: ')}{where_from}") from None
+
+    return canon
+
+
+def _split_key(rest: list[str], entry: type, path: str, where_from: str) -> tuple[str, list[str]]:
+    """A mapping key that may hold dots ('sns.lam'), and the path inside its entry that follows ('high'): the
+    shortest key after which the rest names a field of the entry; the whole rest is the key otherwise."""
+    fields = _block_fields(entry)
+    for k in range(1, len(rest)):
+        if rest[k] in fields and (len(rest) == k + 1 or _nested_block(fields[rest[k]][1]) is not None):
+            return ".".join(rest[:k]), rest[k:]
+    close = difflib.get_close_matches(rest[-1], list(fields), n=1)
+    if len(rest) > 1 and close:
+        fixed = ".".join([*path.split(".")[:-1], close[0]])
+        raise ConfigError(f"config error: {path!r} is not a field; an entry has: {', '.join(fields)}; did you mean "
+                          f"{fixed!r}?{where_from}")
+    return ".".join(rest), []
 
 
 def _is_dataclass(cls: type) -> bool:
@@ -230,21 +316,38 @@ def _nested_block(annotation: Any) -> type | None:
     return None
 
 
-def _set_path(data: dict, path: str, value: Any) -> None:
-    *blocks, leaf = path.split(".")
-    for block in blocks:
-        if not isinstance(data.get(block), dict):
-            data[block] = {}
-        data = data[block]
-    data[leaf] = value
+def _set_parts(data: dict, parts: list[_Part], value: Any) -> None:
+    """Set the value at `parts` in config data (blocks made as needed); a mapping's key matches an existing
+    key of the same canonical form ('sns.lambda' in the YAML is the entry 'sns.lam'), and a mapping entry set
+    to null is removed."""
+    for i, part in enumerate(parts):
+        name = part.name
+        if part.key is not None:
+            name = next((k for k in data if isinstance(k, str) and _same_key(part.key, k, part.name)), name)
+        if i == len(parts) - 1:
+            if part.key is not None and value is None:
+                data.pop(name, None)
+            else:
+                data[name] = value
+            return
+        if not isinstance(data.get(name), dict):
+            data[name] = {}
+        data = data[name]
+
+
+def _same_key(canon: Callable[[str], str], key: str, wanted: str) -> bool:
+    try:
+        return canon(key) == wanted
+    except ConfigError:  # a bad key already in the file: validation names it
+        return False
 
 
 def apply_overrides(config: M, overrides: dict[str, Any], source: str | None = None) -> M:
     """A copy of `config` with dotted-path fields set to new values, validated again."""
     data = config.model_dump(mode="json", exclude_unset=False)
     for dotted, value in overrides.items():
-        full = canonical_path(type(config), dotted, source)
-        _set_path(data, full, _number(full, value))
+        parts = _path_parts(type(config), dotted, source)
+        _set_parts(data, parts, _number(".".join(p.name for p in parts), value))
     return validate(type(config), data, source)
 
 

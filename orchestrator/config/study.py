@@ -18,9 +18,10 @@ import difflib
 import itertools
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -197,6 +198,10 @@ class Arm:
 
 @config_kind("a study config", "python -m pipelines.study")
 class StudyFile(Strict):
+    # a search_space key is an experiment path: --set search_space.sns.lambda.high=1 changes the entry sns.lam
+    mapping_keys: ClassVar[dict[str, Callable[[str], str]]] = {
+        "search_space": lambda path: canonical_path(ExperimentConfig, path)}
+
     study: StudyBlock
     experiment: ExperimentConfig
     search_space: dict[str, ParamSpec] = Field(min_length=1)

@@ -157,6 +157,28 @@ def _built(db: Path) -> bool:
         return False
 
 
+def find_study(tracking_uri: str, experiment: str, name: str | None = None):
+    """The MLflow parent run of the study `name` (tag nslab.study), or of the newest study when `name` is None,
+    in `experiment`. Read-only (a dry run and the screenshot tool look without writing): a store, experiment or
+    study that does not exist is a LookupError saying which, and nothing is created."""
+    from mlflow import MlflowClient
+
+    from orchestrator.record import tags
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise LookupError(f"no MLflow store at {tracking_uri.removeprefix('sqlite:///')}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise LookupError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
+    query = f"tags.`{tags.KIND}` = '{tags.Kind.STUDY}'" + (f" and tags.`{tags.STUDY}` = '{name}'" if name else "")
+    runs = client.search_runs([found.experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"])
+    if not runs:
+        what = f"study {name!r}" if name else f"study run (tag {tags.KIND}={tags.Kind.STUDY})"
+        raise LookupError(f"no {what} in MLflow experiment {experiment!r} of {tracking_uri}")
+    return runs[0]
+
+
 class TrackingError(ValueError):
     """The tracking store cannot be used (unreachable, credentials refused); str() is one line."""
 
