@@ -13,7 +13,9 @@ many of them it broke that the earlier ones left standing (`new_errors`), its se
 its own (`alone_accuracy`) where it attacked every correct example (the first of a threat model, or every
 attack with `cascade=False`). One `worst_case` row per threat model closes the table: a worst case never
 mixes L2 and Linf. Gradient-masking checks (ns_core/masking.py) run with every evaluation; they are
-recorded, never raised.
+recorded, never raised. `report.examples` keeps what the cascade found per example (correct, survived the first
+threat model's attacks, the first attack that broke it): a confirmation logs it, so its interval can count the
+test examples' own variation (docs/studies.md).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ SCHEMA = pa.schema([
 ])  # eval/robust_accuracy.parquet
 CHECK_SCHEMA = pa.schema([("check", pa.string()), ("status", pa.string()), ("measured", pa.float64()),
                           ("threshold", pa.float64()), ("detail", pa.string())])  # eval/checks.parquet
+EXAMPLE_SCHEMA = pa.schema([("example", pa.int32()), ("clean_correct", pa.bool_()), ("robust_correct", pa.bool_()),
+                            ("broken_by", pa.string())])  # per test example, the first threat model's cascade
 
 
 @dataclass
@@ -55,6 +59,7 @@ class RobustnessReport:
 
     rows: list[dict[str, Any]]
     checks: list[Check] = field(default_factory=list)
+    examples: pa.Table | None = None  # EXAMPLE_SCHEMA: what the cascade found per example (no extra attack pass)
 
     @property
     def clean_accuracy(self) -> float:
@@ -147,6 +152,16 @@ def attack_correct(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, gener
     return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=y.device)
 
 
+def example_table(clean: Tensor, robust: Tensor, broken: Tensor, labels: Sequence[str]) -> pa.Table:
+    """EXAMPLE_SCHEMA from the cascade's own masks: each example's index in the evaluated split, whether it was
+    classified correctly, whether it survived every attack of the first threat model (the headline robust
+    accuracy's examples), and the label of the first attack that broke it (null: never correct, or unbroken)."""
+    broken = broken.cpu().tolist()
+    return pa.table([pa.array(range(len(broken)), pa.int32()), pa.array(clean.cpu().tolist(), pa.bool_()),
+                     pa.array(robust.cpu().tolist(), pa.bool_()),
+                     pa.array([labels[i] if i >= 0 else None for i in broken], pa.string())], schema=EXAMPLE_SCHEMA)
+
+
 def evaluate_robustness(
     model: nn.Module,
     data: Split | tuple[Tensor, Tensor],
@@ -180,7 +195,8 @@ def evaluate_robustness(
         clean = _predict_correct(model, x, y, batch_size)
         rows = [_row("clean", "none", 0.0, 0, 0, n, n, int(clean.sum()), None, 0, time.perf_counter() - start)]
         alive: dict[tuple[str, float], Tensor] = {}  # threat model -> still correct after its attacks so far
-        for attack in attacks:
+        broken = torch.full((n,), -1, dtype=torch.long, device=device)  # the headline threat model's first breaker
+        for index, attack in enumerate(attacks):
             survivors = alive.setdefault(attack.threat_model, clean.clone())
             first = bool(torch.equal(survivors, clean))
             targets = survivors.nonzero().flatten() if cascade else clean.nonzero().flatten()
@@ -188,6 +204,8 @@ def evaluate_robustness(
             start = time.perf_counter()
             correct = torch.zeros(n, dtype=torch.bool, device=device)
             correct[targets] = attack_correct(model, x[targets], y[targets], attack, generator, batch_size, progress)
+            if attack.threat_model == attacks[0].threat_model:
+                broken[survivors & ~correct] = index
             new_errors = int((survivors & ~correct).sum())  # the one sync of this attack: its time is honest
             alive[attack.threat_model] = survivors & correct
             alone = None if cascade and not first else int(correct.sum()) / n
@@ -201,7 +219,8 @@ def evaluate_robustness(
             mine = [r for a, r in zip(attacks, attack_rows, strict=True) if a.threat_model == (norm, eps)]
             rows.append(_row("worst_case", norm, eps, 0, 0, n, n, int(survivors.sum()), None,
                              int((clean & ~survivors).sum()), sum(r["seconds"] for r in mine)))
-    report = RobustnessReport(rows)
+    headline = alive[attacks[0].threat_model] if attacks else clean
+    report = RobustnessReport(rows, examples=example_table(clean, headline, broken, [a.label for a in attacks]))
     if checks:
         with eval_mode(model):  # the checks score the evaluated (eval-mode) model; a train-mode one would use
             # batch statistics and move BatchNorm's running ones, and a CAS model would have no label to suppress with

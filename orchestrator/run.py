@@ -14,7 +14,8 @@ file). The run path:
 4. after the last epoch, evaluates the final model on the test split with the final attack suite
    (eval/robust_accuracy.parquet, eval/checks.parquet, test/* metrics, the masking flags as a tag),
    measures its sensitivity on test pairs (sensitivity/final_test.parquet) and ends the run FINISHED,
-   before `on_epoch` sees that last epoch (Tune may stop a trial at its last report);
+   before `on_epoch` sees that last epoch (Tune may stop a trial at its last report); a confirmation run also
+   logs what the evaluation found per test example (confirm/examples.parquet, `per_example`);
 5. on any failure, `record_failure` tags the reason and ends the run FAILED (KILLED for Ctrl+C).
 """
 
@@ -26,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import torch
 import yaml
 from torch import nn
@@ -43,6 +45,7 @@ from orchestrator.record.figures import sensitivity_figure
 from orchestrator.record.tracking import Tracker
 
 log = logging.getLogger(__name__)
+EXAMPLES_ARTIFACT = "confirm/examples.parquet"  # configuration, seed, example, clean_correct, robust_correct, broken_by
 EpochHook = Callable[[dict, Trainer, bool], None]  # (metrics, trainer, final) -> None
 
 
@@ -173,6 +176,14 @@ def record_report(tracker: Tracker, run_id: str, report: RobustnessReport, step:
     tracker.set_tags(run_id, {tags.EVAL_FLAGS: ",".join(report.flags) or "none"})
 
 
+def example_record(examples: pa.Table, labels: Mapping[str, Any]) -> pa.Table:
+    """The evaluation's per-example table with the columns that name the run in front (configuration, seed)."""
+    for i, (name, value) in enumerate(labels.items()):
+        kind = pa.int32() if isinstance(value, int) else pa.string()
+        examples = examples.add_column(i, name, pa.array([value] * examples.num_rows, kind))
+    return examples
+
+
 def record_failure(tracker: Tracker, run_id: str, err: BaseException) -> str:
     """Tag why the run failed and end it FAILED (KILLED when the user interrupted it); returns the reason."""
     reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:5000]
@@ -207,13 +218,16 @@ def log_epoch(tracker: Tracker, run_id: str, metrics: Mapping[str, Any], trainer
 def run_experiment(config: ExperimentConfig, tracker: Tracker, run_id: str, *, state: dict | None = None,
                    on_epoch: EpochHook | None = None, evaluate: bool = True, until: int | None = None,
                    params: Mapping[str, Any] | None = None, attacks: list[Attack] | None = None,
-                   examples: int | None = None, objective: str | None = None) -> RunResult:
+                   examples: int | None = None, objective: str | None = None,
+                   per_example: Mapping[str, Any] | None = None) -> RunResult:
     """Build, resume from `state`, train to `until` (default: every epoch), evaluate on test (when
     `evaluate`), and record it all in `run_id`. Raises what training raises, after recording it.
 
     `params`: the MLflow params of the run (a study's trials: what differs between them; the constants are on
     the parent); None: every resolved setting. The resolved settings always go to config/resolved.yaml.
-    `objective`: a metric also logged as objective/<name> every epoch (a study's primary objective)."""
+    `objective`: a metric also logged as objective/<name> every epoch (a study's primary objective).
+    `per_example`: the columns that name this run in its per-example table ({"configuration": "sns", "seed": 2}),
+    logged as EXAMPLES_ARTIFACT after the final evaluation (a confirmation's); None: no table."""
     try:
         data = load_data(config)
         trainer = build_trainer(config, data)
@@ -235,6 +249,8 @@ def run_experiment(config: ExperimentConfig, tracker: Tracker, run_id: str, *, s
             if final and evaluate:
                 result.report = evaluate_final(config, trainer, data, attacks, examples)
                 record_report(tracker, run_id, result.report, step=trainer.epoch)
+                if per_example is not None and result.report.examples is not None:
+                    tracker.log_table(run_id, example_record(result.report.examples, per_example), EXAMPLES_ARTIFACT)
                 smap = final_sensitivity(config, trainer, data)
                 tracker.log_table(run_id, smap.to_arrow(selected=trainer.last_selection),
                                   "sensitivity/final_test.parquet")

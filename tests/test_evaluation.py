@@ -50,6 +50,13 @@ def test_the_cascade_finds_the_worst_case_of_every_attack_on_every_example_for_l
     assert [r["attacked"] for r in every.rows[1:4]] == [every.rows[0]["correct"]] * 3  # each on all correct ones
     assert cascade.rows[3]["alone_accuracy"] is None and every.rows[3]["alone_accuracy"] is not None
     assert sum(r["new_errors"] for r in cascade.rows[1:4]) == cascade.worst_cases[0]["new_errors"]
+    examples = cascade.examples.to_pylist()  # per example, from the same cascade (no extra attack pass)
+    assert [e["example"] for e in examples] == list(range(len(y)))
+    assert sum(e["clean_correct"] for e in examples) == cascade.rows[0]["correct"]
+    assert sum(e["robust_correct"] for e in examples) == cascade.worst_cases[0]["correct"]
+    broken = [e["broken_by"] for e in examples]
+    assert [broken.count(a.label) for a in suite] == [r["new_errors"] for r in cascade.rows[1:4]]
+    assert all((e["broken_by"] is None) == (e["robust_correct"] or not e["clean_correct"]) for e in examples)
 
 
 def test_autoattack_le_pgd_le_fgsm_le_clean_and_a_standard_model_falls_to_zero(trained_models):

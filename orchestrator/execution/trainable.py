@@ -113,7 +113,9 @@ def train_trial(settings: TrialSettings) -> None:
         run_experiment(experiment, tracker, run_id, state=state, on_epoch=report, until=settings.until,
                        evaluate=settings.evaluate, params=settings.run_params(),
                        attacks=list(settings.final_suite) if settings.final_suite else None,
-                       examples=settings.examples, objective=settings.objective)
+                       examples=settings.examples, objective=settings.objective,
+                       per_example={"configuration": settings.configuration, "seed": settings.seed}
+                       if settings.role == Role.CONFIRM else None)
     except FAILURES as err:  # recorded FAILED by the run path
         raise TrialFailed(f"{type(err).__name__}: {err}") from None
     if settings.role == Role.WARMUP:
