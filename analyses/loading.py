@@ -3,24 +3,28 @@ their data and their attack.
 
     models = load_checkpoints(["runs/analysis/.../standard-seed0.pt", ".../pgd_at-seed0.pt"])
     same_data(models); data = dataset_of(models[0], data_root=None)
-    model = load_external("torchvision.models:resnet18", "weights.pt", "cifar10", eps=8 / 255)
+    model = load_external("torchvision.models:resnet18", "weights.pt", "cifar10", eps=8 / 255, adapt=["cifar_stem"])
 
+A checkpoint is analysed with exactly the model that was trained (its recorded adaptation replayed); a plain
+state_dict with the model as its factory builds it, plus only the adaptations asked for (`ADAPT_CHOICES`).
 Labels default to the training method (plus the seed when methods repeat). Every problem with a file is
 one line (ns_core.checkpoint.CheckpointError), before anything is attacked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from torch import nn
 
+from ns_core.adapters import Adaptation, bare_adaptation, factory_contract, nslab_adaptation
 from ns_core.attacks import Attack
 from ns_core.checkpoint import load_model, load_weights
 from ns_core.data import DatasetSplits
-from ns_core.models import create_model, studied_layers
+from ns_core.models import MODELS, create_model, normalization_for, studied_layers
 from ns_core.utils import pick_device
 from orchestrator.config.experiment import ExperimentConfig
 from orchestrator.config.loader import apply_overrides, validate
@@ -33,6 +37,15 @@ class Loaded:
     path: Path
     model: nn.Module
     metadata: dict
+
+    @property
+    def built(self) -> str:
+        """How the model was built (its adaptation, replayed or asked for): 'built as its factory builds it',
+        'built with the normalization in front and the small-input stem'."""
+        if "adaptation" not in self.metadata:  # a checkpoint from before the record: nslab's decisions
+            return "built as nslab training builds it"
+        recorded = self.metadata["adaptation"]
+        return "built " + (Adaptation.from_dict(recorded).describe() if recorded else "as its factory builds it")
 
     @property
     def experiment(self) -> ExperimentConfig:
@@ -98,22 +111,51 @@ def check_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     return studied_layers(model, list(layers) if layers else None)
 
 
+Adapt = Literal["all", "normalize", "cifar_stem"]
+ADAPT_CHOICES: dict[str, str] = {  # what a plain state_dict's model may be built with, and what each adds
+    "all": "as nslab training builds it: the data's normalization in front, the first convolution for its "
+           "channels, the small-input (CIFAR) stem under 64 pixels",
+    "normalize": "the data's normalization in front (the model was trained on normalized inputs)",
+    "cifar_stem": "the small-input (CIFAR) stem: the first convolution 3x3 at stride 1, the max-pool after it gone",
+}
+
+
+def external_adaptation(input_shape: tuple[int, int, int], adapt: Collection[Adapt] = ()) -> Adaptation:
+    """How a plain classifier whose weights were trained outside nslab is built for (C, H, W) inputs: as its
+    factory builds it (ns_core.adapters.bare_adaptation), plus the decisions in `adapt` (ADAPT_CHOICES)."""
+    unknown = sorted(set(adapt) - set(ADAPT_CHOICES))
+    if unknown:
+        raise ValueError(f"unknown adaptation {unknown}; choose from {', '.join(ADAPT_CHOICES)}")
+    mean, std = normalization_for(input_shape[0])
+    if "all" in adapt:
+        return nslab_adaptation(input_shape, mean, std)
+    normalized = "normalize" in adapt
+    return bare_adaptation(input_shape, mean=mean if normalized else None, std=std if normalized else None,
+                           small_stem="cifar_stem" in adapt)
+
+
 def load_external(model: str, state_dict: str | Path, dataset: str, data_root: str | None = None,
-                  device: str = "auto", eps: float | None = None, label: str | None = None) -> Loaded:
+                  device: str = "auto", eps: float | None = None, label: str | None = None,
+                  adapt: Collection[Adapt] = ()) -> Loaded:
     """A model nslab did not train: its factory (a registered name or an import path, built for `dataset`'s
-    inputs and classes; ns_core/adapters.py) with the weights of a plain state_dict file (weights_only=True).
-    Its metadata is what an nslab checkpoint would carry, with the training attack unknown: `eps` names the
-    threat model the analysis attacks at."""
+    inputs and classes) with the weights of a plain state_dict file (weights_only=True). A plain classifier
+    (a factory that takes num_classes alone) is built as its factory builds it, plus only the adaptations in
+    `adapt` (`external_adaptation`): nothing changes the inputs it sees unless asked. Its metadata is what an
+    nslab checkpoint would carry, with the training attack unknown: `eps` names the threat model the analysis
+    attacks at."""
     experiment = validate(ExperimentConfig, {"name": "external", "dataset": dataset, "model": model,
                                              "method": "standard", "data": {"root": data_root},
                                              "attack": {"name": "pgd", "eps": eps if eps is not None else 0.0}},
                           source=f"--model {model} --dataset {dataset}")
     data = load_data(experiment)
-    network = create_model(model, input_shape=data.input_shape, num_classes=data.num_classes)
+    plain = factory_contract(MODELS.get(model)) == "classifier"
+    adaptation = external_adaptation(tuple(data.input_shape), adapt) if plain or adapt else None
+    network = create_model(model, input_shape=data.input_shape, num_classes=data.num_classes, adaptation=adaptation)
     path = Path(state_dict).expanduser().resolve()
     network = load_weights(network, path, pick_device(device))
     metadata = {"model": model, "dataset": dataset, "method": "external", "input_shape": list(data.input_shape),
-                "num_classes": data.num_classes, "config": experiment.model_dump(mode="json"), "external": True}
+                "num_classes": data.num_classes, "config": experiment.model_dump(mode="json"), "external": True,
+                "adaptation": adaptation.to_dict() if adaptation is not None else None}
     return Loaded(label or path.stem, path, network, metadata)
 
 

@@ -89,6 +89,6 @@ def sensitivity_report(item: Loaded, options: SensitivityOptions, writer: Report
         writer.metrics(run, {**report.metrics(), **{f"sensitivity.{k}": v for k, v in smap.layer_means().items()},
                              **{f"relative_sensitivity.{k}": v for k, v in smap.layer_means(relative=True).items()}})
         writer.tags(run, {"eval.flags": ",".join(report.flags) or "none"})
-    return "\n".join([f"{item.label}: {subtitle(item, attack, len(y))}", "",
+    return "\n".join([f"{item.label}: {subtitle(item, attack, len(y))}; model {item.built}", "",
                       f"most sensitive neurons per layer ({attack.label} pairs):", smap.summary(min(options.top, 5)),
                       "", "robust accuracy (cascaded) and gradient-masking checks:", report.summary()])

@@ -13,20 +13,29 @@ The contract. A model is named in a config by a registered name or an import pat
 2. A plain classifier, when the factory does not name `input_shape` but takes `num_classes` (by name, or
    through **kwargs as torchvision's and timm's builders do): `factory(num_classes=K, weights=None)`
    (`weights=None` only where the factory names it: nslab never downloads weights), then `adapt_classifier`
-   makes it fit: a `NormalizedClassifier` with the normalization as first submodule `normalize` and the
-   network under `net` (layer paths read `net.layer1`); the first `nn.Conv2d` (in `named_modules()` order)
-   rebuilt for C input channels with its other settings; for small inputs (min(H, W) < 64, e.g. 28x28 MNIST or
-   32x32 CIFAR) the usual CIFAR stem: that convolution at stride 1 (a 7x7 one becomes 3x3 with padding 1) and
-   a max-pool that directly follows it (after normalization and activation only) replaced by `nn.Identity`;
-   and every module's `inplace` flag off, because nslab's hooks read activations and the SNS regularizer
-   backpropagates through them, which an in-place op would overwrite.
+   makes it fit, in place, so every layer name and state_dict key stays the model's own (`layer1`, not a
+   wrapper's `net.layer1`): the normalization goes in front as a forward pre-hook with non-persistent buffers
+   (`nslab_mean`, `nslab_std`: not in the state_dict); the first `nn.Conv2d` (in `named_modules()` order)
+   is rebuilt for C input channels with its other settings; for small inputs (min(H, W) < 64, e.g. 28x28
+   MNIST or 32x32 CIFAR) the usual CIFAR stem: that convolution at stride 1 (a 7x7 one becomes 3x3 with
+   padding 1) and a max-pool that directly follows it (after normalization and activation only) replaced by
+   `nn.Identity`; and every module's `inplace` flag off, because nslab's hooks read activations and the SNS
+   regularizer backpropagates through them, which an in-place op would overwrite (the logits do not change).
+
+These decisions are an `Adaptation`: training makes nslab's (`nslab_adaptation`), every checkpoint nslab
+writes records them (metadata `adaptation`) and loading one replays them, so a checkpoint is analysed with
+exactly the model that was trained. A plain state_dict trained outside nslab is analysed with the model as
+its factory builds it (`bare_adaptation`: the first convolution refitted only where the data's channel count
+differs, since the model could not read the data otherwise; in-place flags off), unless the analysis asks for
+more (`analyze sensitivity --adapt`, `--normalize`, `--cifar-stem`).
 
 Either way `create_model` checks the result on one dummy batch: it must return (batch, K) logits. A factory
 that fits neither contract, a call it refuses, a forward that fails or a wrong output shape is a one-line
 ValueError naming the model.
 
-    model = adapt_classifier(torchvision.models.resnet18(num_classes=10), (1, 28, 28), Normalize.for_channels(1))
-    layers, reason = propose_layers(model, (1, 28, 28))    # ['net.layer1', ..., 'net.layer4'], and why
+    adaptation = nslab_adaptation((1, 28, 28), mean=(0.1307,), std=(0.3081,))
+    model = adapt_classifier(torchvision.models.resnet18(num_classes=10), adaptation)   # the same module, fitted
+    layers, reason = propose_layers(model, (1, 28, 28))    # ['layer1', ..., 'layer4'], and why
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import inspect
 import itertools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -81,37 +90,105 @@ def classifier_kwargs(factory: Callable[..., Any], num_classes: int) -> dict[str
     return {"num_classes": num_classes, "weights": None} if takes_weights else {"num_classes": num_classes}
 
 
-class NormalizedClassifier(nn.Module):
-    """A classifier on [0, 1] inputs: `normalize` (per-channel mean/std) then the adapted network `net`."""
-
-    def __init__(self, normalize: nn.Module, net: nn.Module) -> None:
-        super().__init__()
-        self.normalize = normalize
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))  # (B, num_classes)
+ADAPTATION_ATTR = "nslab_adaptation"  # the Adaptation a model was fitted with (set by adapt_classifier)
 
 
-def adapt_classifier(net: nn.Module, input_shape: tuple[int, int, int], normalize: nn.Module) -> NormalizedClassifier:
-    """Fit a plain classifier (torchvision's) to nslab: [0, 1] inputs, C channels, the CIFAR stem for small
-    inputs, no in-place ops (the module docstring says each step and why). Modifies `net` and wraps it."""
+@dataclass(frozen=True)
+class Adaptation:
+    """What nslab changes in a plain classifier so it fits (module docstring): recorded with every checkpoint
+    nslab writes and replayed when one is loaded, so an analysis sees exactly the model that was trained."""
+
+    mean: tuple[float, ...] | None = None  # per-channel normalization in front of the network; None: none
+    std: tuple[float, ...] | None = None
+    channels: int | None = None  # the first convolution rebuilt for this many input channels; None: as built
+    small_stem: bool = False  # the first convolution at stride 1 (7x7 -> 3x3), the max-pool right after it gone
+    inplace_off: bool = True  # every module's `inplace` flag off (hooks read activations; the logits do not change)
+
+    def __post_init__(self) -> None:
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
+            raise ValueError(f"an Adaptation's normalization needs a mean and a std per channel, got mean "
+                             f"{self.mean} and std {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, for checkpoint metadata."""
+        return {"mean": list(self.mean) if self.mean is not None else None,
+                "std": list(self.std) if self.std is not None else None,
+                "channels": self.channels, "small_stem": self.small_stem, "inplace_off": self.inplace_off}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Adaptation:
+        mean, std = data.get("mean"), data.get("std")
+        return cls(tuple(mean) if mean is not None else None, tuple(std) if std is not None else None,
+                   data.get("channels"), bool(data.get("small_stem", False)), bool(data.get("inplace_off", True)))
+
+    def describe(self) -> str:
+        """'with the normalization in front and the small-input stem' / 'as its factory builds it'."""
+        parts = (["the normalization in front"] if self.mean is not None else []) + (
+            ["the small-input stem"] if self.small_stem else [])
+        return f"with {' and '.join(parts)}" if parts else "as its factory builds it"
+
+
+def nslab_adaptation(input_shape: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> Adaptation:
+    """nslab's decisions for training a plain classifier on (C, H, W) inputs: the given normalization, the first
+    convolution for C channels, the small-input stem under SMALL_INPUT pixels, no in-place ops."""
     channels, height, width = input_shape
+    return Adaptation(tuple(mean), tuple(std), channels, min(height, width) < SMALL_INPUT, True)
+
+
+def bare_adaptation(input_shape: tuple[int, int, int], *, mean: tuple[float, ...] | None = None,
+                    std: tuple[float, ...] | None = None, small_stem: bool = False) -> Adaptation:
+    """The model as its factory builds it, for a state_dict trained outside nslab: no normalization and no stem
+    unless asked for; the first convolution refitted only where the data's channel count differs from the
+    model's (`adapt_classifier` leaves a matching one as it is); no in-place ops (the logits do not change)."""
+    return Adaptation(mean, std, input_shape[0], small_stem, True)
+
+
+def adaptation_of(model: nn.Module) -> Adaptation | None:
+    """The Adaptation `model` was fitted with; None for a model nslab did not adapt (nslab's own contract)."""
+    found = getattr(model, ADAPTATION_ATTR, None)
+    return found if isinstance(found, Adaptation) else None
+
+
+def adapt_classifier(net: nn.Module, adaptation: Adaptation) -> nn.Module:
+    """Fit a plain classifier (torchvision's) to nslab in place, as `adaptation` says (module docstring: each
+    step and why), and return it: the same module, with its own layer names and state_dict keys."""
     leaves = [(path, module) for path, module in net.named_modules() if not any(module.children())]
     first = next(((i, path) for i, (path, module) in enumerate(leaves) if isinstance(module, nn.Conv2d)), None)
-    if first is not None:
+    if first is not None and (adaptation.channels is not None or adaptation.small_stem):
         index, path = first
         conv = leaves[index][1]
-        small = min(height, width) < SMALL_INPUT
-        _replace(net, path, _stem_conv(conv, channels, small))
-        if small:
+        _replace(net, path, _stem_conv(conv, adaptation.channels or conv.in_channels, adaptation.small_stem))
+        if adaptation.small_stem:
             following = next(((p, m) for p, m in leaves[index + 1:] if not isinstance(m, STEM_BETWEEN)), None)
             if following is not None and isinstance(following[1], nn.MaxPool2d):
                 _replace(net, following[0], nn.Identity())
-    for module in net.modules():
-        if isinstance(getattr(module, "inplace", None), bool):
-            module.inplace = False
-    return NormalizedClassifier(normalize, net)
+    if adaptation.inplace_off:
+        for module in net.modules():
+            if isinstance(getattr(module, "inplace", None), bool):
+                module.inplace = False
+    if adaptation.mean is not None:
+        for name in ("nslab_mean", "nslab_std"):
+            if hasattr(net, name):
+                raise ValueError(f"{type(net).__name__} already has an attribute {name!r}; nslab cannot put its "
+                                 "normalization there")
+        net.register_buffer("nslab_mean", torch.tensor(adaptation.mean).view(1, -1, 1, 1), persistent=False)
+        net.register_buffer("nslab_std", torch.tensor(adaptation.std).view(1, -1, 1, 1), persistent=False)
+        net.register_forward_pre_hook(_normalize_input, prepend=True)
+    if first is None:  # what was done is what a checkpoint records: no convolution, nothing fitted
+        adaptation = replace(adaptation, channels=None, small_stem=False)
+    setattr(net, ADAPTATION_ATTR, adaptation)
+    return net
+
+
+def _normalize_input(module: nn.Module, args: tuple) -> tuple:
+    """The forward pre-hook of an adapted classifier: its [0, 1] input, normalized per channel."""
+    x, *rest = args
+    return ((x - module.nslab_mean) / module.nslab_std, *rest)  # (B, C, H, W)
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The first nn.Conv2d in named_modules() order (the one the adapter fits) and its path."""
+    return next(((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
 
 
 def _stem_conv(conv: nn.Conv2d, channels: int, small: bool) -> nn.Conv2d:

@@ -24,13 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ns_core.adapters import Adaptation, first_conv
 from ns_core.cas import install_cas
 from ns_core.models import create_model
 from ns_core.utils import pick_device
 
 log = logging.getLogger(__name__)
 FORMAT = "nslab-checkpoint"
-VERSION = 2  # bump when the layout changes; a newer file is refused with an upgrade hint
+VERSION = 3  # bump when the layout changes; a newer file is refused with an upgrade hint
+# 3: an adapted classifier is the user's own module (no `net.` wrapper) and its Adaptation is in the metadata
 
 
 class CheckpointError(ValueError):
@@ -115,16 +117,21 @@ def checkpoint_summary(state: dict[str, Any]) -> str:
 
 
 def load_model(path: str | Path, device: str = "auto", fallback: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model saved in a checkpoint; returns (model in eval mode on `device`, metadata)."""
+    """Rebuild the model saved in a checkpoint; returns (model in eval mode on `device`, metadata). A plain
+    classifier is fitted exactly as it was for training: its recorded Adaptation is replayed (a file from before
+    the record, format 2, gets nslab's decisions, which were the only ones then)."""
     target = pick_device(device)
     state = load_checkpoint(path, target, fallback=fallback)
     meta = state["metadata"]
     try:
-        model = create_model(meta["model"], input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"])
+        recorded = meta.get("adaptation")
+        model = create_model(meta["model"], input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"],
+                             adaptation=Adaptation.from_dict(recorded) if recorded else None)
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: its metadata lacks {err}; it is damaged, re-run the "
                               "training") from None
     _reinstall_cas(model, meta)
+    state["model"] = _own_keys(state["model"], model)
     missing, unexpected = _state_mismatch(model, state["model"])
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path}: its weights do not fit a {meta['model']} for input "
@@ -148,8 +155,9 @@ def _reinstall_cas(model: nn.Module, meta: dict[str, Any]) -> None:
 def load_weights(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """Load a plain state_dict file that nslab did not write (`torch.save(model.state_dict(), path)`, read with
     weights_only=True) into `model`; a {"state_dict": ...} / {"model": ...} wrapper and DataParallel's `module.`
-    prefixes are taken off, and a model nslab adapted (ns_core/adapters.py) takes the weights of the network it
-    wraps. Anything that does not fit is a one-line CheckpointError naming the first mismatch."""
+    prefixes are taken off. Keys are the model's own (nslab adapts a classifier in place). Anything that does not
+    fit is a one-line CheckpointError naming the first mismatch and, for a first convolution of another shape,
+    how to build the model as it was trained."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"state_dict {path} {'is a directory' if path.is_dir() else 'does not exist'}; pass "
@@ -165,21 +173,55 @@ def load_weights(model: nn.Module, path: str | Path, device: torch.device | str 
         weights = weights.get("state_dict", weights.get("model"))
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
-    weights = {k.removeprefix("module."): v for k, v in weights.items()}
-    targets = [model, *([model.net] if isinstance(getattr(model, "net", None), nn.Module) else [])]
-    target = min(targets, key=lambda m: sum(len(x) for x in _state_mismatch(m, weights)))
-    missing, unexpected = _state_mismatch(target, weights)
+    weights = _own_keys({k.removeprefix("module."): v for k, v in weights.items()}, model)
+    missing, unexpected = _state_mismatch(model, weights)
     if missing or unexpected:
         raise CheckpointError(f"state_dict {path} does not fit the model (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}); was it saved from this architecture?")
+    stem = _stem_mismatch(model, weights)
+    if stem:
+        raise CheckpointError(f"state_dict {path} does not fit the model: {stem}")
     try:
-        target.load_state_dict(weights)
+        model.load_state_dict(weights)
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
         why = lines[0] if lines else str(err).splitlines()[0]
-        raise CheckpointError(f"state_dict {path} does not fit the model ({why}); nslab adapts a torchvision stem "
-                              "for inputs under 64 pixels (ns_core/adapters.py)") from None
+        raise CheckpointError(f"state_dict {path} does not fit the model ({why}); was it saved from this "
+                              "architecture?") from None
     return model.to(device).eval()
+
+
+def _own_keys(weights: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Weights of an adapted classifier saved while nslab wrapped it (format 2: the network under `net.`, the
+    normalization's buffers under `normalize.`), under the model's own keys; any other weights as they are."""
+    expected = model.state_dict()
+    if any(k.startswith("net.") for k in weights) and not any(k.startswith("net.") for k in expected):
+        return {k.removeprefix("net."): v for k, v in weights.items() if not k.startswith("normalize.")}
+    return weights
+
+
+def _stem_mismatch(model: nn.Module, weights: dict[str, Any]) -> str:
+    """Why the state_dict's first convolution does not fit the model's, and the flag that builds the model as it
+    was trained (`analyze sensitivity`); '' when it fits. The kernel tells the stems apart: a 3x3 first
+    convolution is the small-input (CIFAR) stem, a 7x7 one torchvision's ImageNet stem."""
+    found = first_conv(model)
+    saved = weights.get(f"{found[0]}.weight") if found is not None else None
+    if saved is None or saved.dim() != 4 or tuple(saved.shape) == tuple(found[1].weight.shape):
+        return ""
+    path, conv = found
+    kernel, built = "x".join(map(str, saved.shape[2:])), "x".join(map(str, conv.kernel_size))
+    if kernel == "3x3" and built != "3x3":
+        return (f"its {path} is a 3x3 convolution (the small-input CIFAR stem) and the model's is {built}; pass "
+                "--cifar-stem to build the model as it was trained")
+    if built == "3x3" and kernel != "3x3":
+        return (f"its {path} is a {kernel} convolution (the ImageNet stem) and the model was built with the "
+                "small-input stem (3x3); drop --cifar-stem (and use --normalize instead of --adapt) to build the "
+                "model as it was trained")
+    if saved.shape[1] != conv.in_channels:
+        return (f"its {path} takes {saved.shape[1]} input channels and the data has {conv.in_channels}; analyse "
+                f"it on data with {saved.shape[1]} channels")
+    return (f"its {path} weight is {tuple(saved.shape)} and the model's {tuple(conv.weight.shape)}; was it saved "
+            "from this architecture?")
 
 
 def _state_mismatch(model: nn.Module, weights: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -4,8 +4,8 @@
     model.default_layers  # ["relu1", "relu2", "relu3", "relu4"]: named_modules() paths for sensitivity hooks
     model = create_model("mypkg.nets:build_net", input_shape=(1, 28, 28), num_classes=10)   # your own
     model = create_model("torchvision.models:resnet18", input_shape=(3, 32, 32), num_classes=10)
-    studied_layers(model)                      # ["net.layer1", ..., "net.layer4"], proposed and logged
-    studied_layers(model, ["net.layer3"])      # the config's sns.layers, checked
+    studied_layers(model)                      # ["layer1", ..., "layer4"], proposed and logged
+    studied_layers(model, ["layer3"])          # the config's sns.layers, checked: the model's own names
 
 A model named by import path is a factory called with keyword arguments, `build_net(input_shape=(C, H, W),
 num_classes=K) -> nn.Module`, or a classifier factory that takes only `num_classes` (torchvision's), which
@@ -31,10 +31,11 @@ from torch import nn
 
 from ns_core.adapters import (
     BLOCK_NAME,
-    NormalizedClassifier,
+    Adaptation,
     adapt_classifier,
     classifier_kwargs,
     factory_contract,
+    nslab_adaptation,
     propose_layers,
     trace_forward,
 )
@@ -65,20 +66,25 @@ class Normalize(nn.Module):
 
     @classmethod
     def for_channels(cls, channels: int) -> Normalize:
-        """MNIST statistics for 1 channel, CIFAR-10 statistics for 3, mean 0.5 / std 0.5 otherwise."""
-        mean, std = {1: MNIST_MEAN_STD, 3: CIFAR10_MEAN_STD}.get(channels, ((0.5,) * channels, (0.5,) * channels))
-        return cls(mean, std)
+        return cls(*normalization_for(channels))
+
+
+def normalization_for(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std): MNIST statistics for 1 channel, CIFAR-10 statistics for 3, mean 0.5 / std 0.5 otherwise."""
+    return {1: MNIST_MEAN_STD, 3: CIFAR10_MEAN_STD}.get(channels, ((0.5,) * channels, (0.5,) * channels))
 
 
 def model_names() -> list[str]:
     return MODELS.names()
 
 
-def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
+                 adaptation: Adaptation | None = None) -> nn.Module:
     """Build the named model for (C, H, W) inputs in [0, 1] and `num_classes` logits.
 
     The factory is called with keyword arguments under nslab's contract, or built with `num_classes` and
-    adapted when it is a plain classifier (ns_core/adapters.py); the model is then checked on one dummy batch
+    adapted when it is a plain classifier (ns_core/adapters.py): as `adaptation` says (a checkpoint's record, an
+    analysis' choice), else with nslab's decisions for training. The model is then checked on one dummy batch
     and remembers its input shape (attribute `nslab_input_shape`) for `studied_layers`."""
     if len(input_shape) != 3 or min(input_shape) < 1 or num_classes < 2:
         raise ValueError(f"need input_shape (C, H, W) and num_classes >= 2, got {input_shape}, {num_classes}")
@@ -89,6 +95,10 @@ def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int)
         raise ValueError(f"model {name!r}: the factory must take (input_shape, num_classes) as keyword arguments "
                          "(nslab's contract) or num_classes alone (a classifier such as torchvision's, which nslab "
                          f"adapts); it takes {_parameters(factory)}")
+    if contract == "nslab" and adaptation is not None:
+        raise ValueError(f"model {name!r} takes input_shape (nslab's contract) and is used as it is built; "
+                         "adapting it (--adapt, --normalize, --cifar-stem) applies only to a factory that takes "
+                         "num_classes alone")
     kwargs = ({"input_shape": shape, "num_classes": num_classes} if contract == "nslab"
               else classifier_kwargs(factory, num_classes))
     try:
@@ -99,7 +109,7 @@ def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {name!r}: the factory must return a torch.nn.Module, got {type(model).__name__}")
     if contract == "classifier":
-        model = adapt_classifier(model, shape, Normalize.for_channels(shape[0]))
+        model = adapt_classifier(model, adaptation or nslab_adaptation(shape, *normalization_for(shape[0])))
     _check_logits(model, name, shape, num_classes)
     setattr(model, INPUT_SHAPE_ATTR, shape)
     return model
@@ -159,8 +169,7 @@ def studied_layers(model: nn.Module, layers: Sequence[str] | None = None, *,
     cached = _PROPOSED.get(model)
     if cached is None or cached[0] != tuple(shape):
         proposed, reason = propose_layers(model, tuple(shape))
-        described = type(model.net if isinstance(model, NormalizedClassifier) else model).__name__
-        log.info("%s has no default_layers and no layers were given; %s", described, reason)
+        log.info("%s has no default_layers and no layers were given; %s", type(model).__name__, reason)
         cached = _PROPOSED[model] = (tuple(shape), proposed)
     return list(cached[1])
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ns_core.adapters import adaptation_of
 from ns_core.attacks import Attack
 from ns_core.checkpoint import save_checkpoint
 from ns_core.data import DatasetSplits, Split, augment_batch
@@ -103,6 +104,8 @@ class Trainer:
         self.num_classes = data.num_classes
         self.callbacks = list(callbacks)
         self.metadata = dict(metadata or {})
+        adaptation = adaptation_of(model)  # how a plain classifier was fitted: a loaded checkpoint replays it
+        self.metadata["adaptation"] = adaptation.to_dict() if adaptation is not None else None
         # before the optimizer: what the objective adds to the model (CAS's heads) trains and is saved with it
         self.metadata.update(objective.prepare_model(self.model, tuple(data.input_shape), data.num_classes))
         self.layers = objective.watched_layers(self.model)

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from analyses.compare import CompareOptions, compare_report
-from analyses.loading import check_layers, load_checkpoints, same_data
+from analyses.loading import ADAPT_CHOICES, check_layers, load_checkpoints, same_data
 from analyses.stabilize import StabilizeOptions, stabilize_report
 from analyses.writer import ReportWriter
 from orchestrator.config.analysis import load_methods_config
@@ -113,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when visible) | cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
     p.add_argument("--label", help="a name for the model in the report (default: the file's stem)")
+    built = p.add_argument_group(
+        "how --state-dict's model is built", "A factory that takes num_classes alone (torchvision's) is built as "
+        "it is, its first convolution fitted only where the data's channel count differs; these add what its "
+        "training had (a checkpoint replays how nslab built it, so they apply to --state-dict only).")
+    built.add_argument("--adapt", dest="adapt", action="append_const", const="all", help=ADAPT_CHOICES["all"])
+    built.add_argument("--normalize", dest="adapt", action="append_const", const="normalize",
+                       help=ADAPT_CHOICES["normalize"])
+    built.add_argument("--cifar-stem", dest="adapt", action="append_const", const="cifar_stem",
+                       help=ADAPT_CHOICES["cifar_stem"])
 
     p = command("study", "A finished study: robust accuracy vs sensitivity, best/worst maps, Pareto front.")
     p.add_argument("--name", help="study name (MLflow parent run / tag nslab.study); a prefix such as 'quick' "
@@ -259,11 +268,14 @@ def run_sensitivity_command(args) -> int:
     from analyses.sensitivity import SensitivityOptions, sensitivity_report
     from ns_core.attacks import Attack
 
+    if args.checkpoint and args.adapt:
+        raise ValueError("--adapt, --normalize and --cifar-stem build a --state-dict's model; a --checkpoint is "
+                         "rebuilt exactly as it was trained: drop them")
     if args.checkpoint:
         item = load_checkpoints([args.checkpoint], [args.label] if args.label else None, args.device)[0]
     elif args.state_dict and args.model and args.dataset:
         item = load_external(args.model, args.state_dict, args.dataset, args.data_root, args.device, args.eps,
-                             args.label)
+                             args.label, adapt=args.adapt or ())
     else:
         raise ValueError("sensitivity needs --checkpoint PT, or --state-dict PT with --model NAME and --dataset NAME")
     options = SensitivityOptions(eps=args.eps, steps=args.steps, examples=args.examples, layers=args.layers,
@@ -277,8 +289,8 @@ def run_sensitivity_command(args) -> int:
     layers = check_layers(item.model, options.layers)
     attack = item.attack(options.eps, options.steps)
     if args.dry_run:
-        print(f"# dry run: {item.label} ({item.metadata['model']} on {item.metadata['dataset']}); layers {layers}; "
-              f"sensitivity pairs {attack.label}; {options.examples} test images")
+        print(f"# dry run: {item.label} ({item.metadata['model']} on {item.metadata['dataset']}, {item.built}); "
+              f"layers {layers}; sensitivity pairs {attack.label}; {options.examples} test images")
         return 0
     writer = make_writer(args)
     timer = Timer()

@@ -61,7 +61,7 @@ def test_dry_runs_validate_and_print_settings(capsys, tmp_path, checkpoint):
     assert "pgd-linf-eps0.0313725-s3-r2" in capsys.readouterr().out  # 8/255, steps capped at 3
     assert evaluate.main(["--checkpoint", str(checkpoint), "--dry-run", "--attacks", "autoattack:0.15"]) == 0
     out = capsys.readouterr().out
-    assert "nslab checkpoint v2: lenet5 (pgd_at) on mnist5k" in out and "autoattack-linf-eps0.15" in out
+    assert "nslab checkpoint v3: lenet5 (pgd_at) on mnist5k" in out and "autoattack-linf-eps0.15" in out
 
 
 @pytest.mark.parametrize(("args", "message"), [
