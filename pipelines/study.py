@@ -164,6 +164,8 @@ def _main(argv: list[str] | None) -> int:
     for arm, found in ready.items():
         if found.proposed:
             print(f"{arm} arm: layers {found.layers} proposed by nslab (set experiment.sns.layers to choose)")
+    for note in study.threat_model_notes():
+        print(f"note: {note}", flush=True)
 
     from orchestrator.execution.ray_session import ray_session
     from orchestrator.study.driver import run_study  # imports Ray Tune: after ray_session set the environment
@@ -214,6 +216,11 @@ def dry_run(args, study: StudyFile, name: str, ready: dict) -> int:
     print(settings_text(study), end="")
     for arm, found in ready.items():
         print(f"# {arm} arm: {found.describe()}")
+    print(f"# attacks: {study.experiment.attacks_text()}" + (
+        f"; confirmation {', '.join(a.resolve(study.experiment.attack).label for a in study.confirm.attacks)}"
+        if study.confirm is not None and study.confirm.attacks else ""))
+    for note in study.threat_model_notes():
+        print(f"# note: {note}")
     arms = "; ".join(arm.describe() for arm in study.arms())
     confirm = "no confirmation" if study.confirm is None or args.no_confirm else (
         f"confirmation on seeds {study.confirm_seeds()}, up to {study.confirm.max_seeds} seeds until decided")

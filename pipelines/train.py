@@ -74,11 +74,16 @@ def _main(argv: list[str] | None) -> int:
     if args.dry_run:
         print(settings_text(experiment), end="")
         print(f"# {ready.describe()}")
+        print(f"# attacks: {experiment.attacks_text()}")
+        for note in experiment.threat_model_notes():
+            print(f"# note: {note}")
         print(f"# checkpoint {checkpoint}: " + (checkpoint_summary(state) + " (resumes)" if state else "none yet"))
         print(f"# dry run: valid; MLflow {uri} (experiment {args.experiment_name})")
         return 0
     if ready.proposed:
         log.info("layers %s proposed by nslab (set sns.layers to choose)", ready.layers)
+    for note in experiment.threat_model_notes():
+        print(f"note: {note}", flush=True)
     if state is not None and state["epoch"] >= experiment.train.epochs:
         print(f"{checkpoint} has finished training ({checkpoint_summary(state)}); evaluate it with "
               f"{prog('evaluate')} --checkpoint {checkpoint}, or pass --fresh to train again")

@@ -144,8 +144,8 @@ def test_smoke_budgets_are_tiny():
     assert study.study.trials == 2 and study.study.scheduler == "none" and len(study.confirm_seeds()) == 2
     assert study.experiment.data.train_limit <= 256 and study.experiment.train.epochs <= 2
     experiment = smoke_experiment(load_experiment(REPO / "configs" / "experiment" / "cifar10.yaml"))
-    assert experiment.eval.examples == 64 and all(a.steps_used <= 3 for a in experiment.eval.attacks)
-    assert "autoattack" not in [a.name for a in experiment.eval.attacks]
+    assert experiment.eval.examples == 64 and all(a.steps_used <= 3 for a in experiment.final_suite())
+    assert "autoattack" not in [a.name for a in experiment.final_suite()]
 
 
 def test_a_study_has_a_baseline_arm_and_fresh_confirmation_seeds(tmp_path):
@@ -279,6 +279,77 @@ def test_eps_as_the_fraction_the_guard_suggests_is_accepted(tmp_path):
     assert load_experiment(path).attack.eps == pytest.approx(8 / 255)
     with pytest.raises(ConfigError, match="EPS must be a number or a fraction like 8/255"):
         load_experiment(QUICK, parse_set(["attack.eps=8/zero"]))
+
+
+# ---- the threat model: evaluation attacks follow the training attack unless a config sets theirs on purpose ----
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS + STUDIES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_config_evaluates_at_the_training_eps_it_is_given(path):
+    """--set attack.eps=8/255 moves the validation attack, the final suite and a study's confirmation attacks."""
+    if path.parent.name == "study":
+        study = load_study(path, {"experiment.attack.eps": "8/255"})
+        experiment, notes = study.experiment, study.threat_model_notes()
+        confirm = [a.resolve(experiment.attack) for a in (study.confirm.attacks if study.confirm else None) or []]
+    else:
+        experiment = load_experiment(path, parse_set(["attack.eps=8/255"]))
+        notes, confirm = experiment.threat_model_notes(), []
+    attacks = [experiment.val_attack(), *experiment.final_suite(), *confirm]
+    assert notes == [] and all(a.eps == pytest.approx(8 / 255) for a in attacks), notes
+    assert {a.norm for a in attacks} == {experiment.attack.norm}
+
+
+def test_a_study_confirms_each_configuration_at_its_own_training_eps():
+    from orchestrator.study.confirmation import Configuration, confirm_suite
+
+    study = load_study(REPO / "configs" / "study" / "quick.yaml", {"experiment.attack.eps": "8/255"})
+    arm = study.arms()[1]
+    suite = confirm_suite(study, Configuration("sns", arm, {}, "sns-01"))
+    assert [a.name for a in suite] == ["fgsm", "pgd", "feature_pgd", "apgd_ce"]
+    assert all(a.eps == pytest.approx(8 / 255) for a in suite)
+    searched = confirm_suite(study, Configuration("sns", arm, {"attack.eps": 0.1}, "sns-02"))  # a searched eps
+    assert {a.eps for a in searched} == {0.1}
+
+
+def test_an_evaluation_eps_set_on_purpose_is_kept_and_said_in_the_dry_run_and_first_lines(tmp_path, capsys):
+    from pipelines import study as study_pipeline
+    from pipelines import train
+
+    flags = ["--set", "train.val_attack={name: pgd, eps: 0.1, steps: 2}", "--set",
+             "eval.attacks=[{name: fgsm}, {name: pgd, norm: l2, eps: 1.5, steps: 3}]"]
+    experiment = load_experiment(QUICK, parse_set(flags[1::2]))
+    assert [a.eps for a in (experiment.val_attack(), *experiment.final_suite())] == [0.1, 0.2, 1.5]
+    notes = ["validation attack pgd at eps 0.1 differs from the training attack's eps 0.2 (set on purpose in "
+             "train.val_attack)", "final-suite attack pgd at l2 eps 1.5 differs from the training attack's linf eps "
+             "0.2 (set on purpose in eval.attacks[1])"]
+    assert experiment.threat_model_notes() == notes
+    assert train.main(["--config", str(QUICK), "--dry-run", "--runs-dir", str(tmp_path), *flags]) == 0
+    out = capsys.readouterr().out
+    assert [line.removeprefix("# note: ") for line in out.splitlines() if line.startswith("# note:")] == notes
+    assert ("# attacks: training pgd-linf-eps0.2-s10-r1; validation pgd-linf-eps0.1-s2-r1; final suite "
+            "fgsm-linf-eps0.2-s1-r1, pgd-l2-eps1.5-s3-r1") in out
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a runs folder that cannot be made: the run stops after its first lines
+    assert train.main(["--config", str(QUICK), "--runs-dir", str(blocked), *flags]) == 2
+    assert [line.removeprefix("note: ") for line in capsys.readouterr().out.splitlines()] == notes
+
+    confirm = ["--set", "confirm.attacks=[{name: fgsm}, {name: pgd, eps: 0.3, steps: 3}]", "--set",
+               "experiment.attack.eps=0.1"]
+    assert study_pipeline.main(["--config", str(TINY), "--dry-run", *confirm]) == 0
+    out = capsys.readouterr().out
+    assert "; confirmation fgsm-linf-eps0.1-s1-r1, pgd-linf-eps0.3-s3-r1" in out
+    assert [line for line in out.splitlines() if line.startswith("# note:")] == [
+        "# note: confirmation attack pgd at eps 0.3 differs from the training attack's eps 0.1 (set on purpose in "
+        "confirm.attacks[1])"]
+
+
+def test_an_evaluation_attack_that_cannot_follow_the_training_norm_is_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_experiment(QUICK, parse_set(["attack.norm=l2", "attack.eps=1.0"]))
+    assert str(err.value).startswith("config error: eval.attacks.0: fgsm attacks in linf only, the training attack in "
+                                     "l2: give it its own eps (and norm: linf) or leave it out")
+    experiment = load_experiment(QUICK, parse_set(["attack.norm=l2", "attack.eps=1.0", "eval.attacks=null"]))
+    assert {(a.norm, a.eps) for a in experiment.final_suite()} == {("l2", 1.0)}
 
 
 def test_an_error_from_a_flag_names_the_flag_not_the_file(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from ns_core.attacks import Attack
-from orchestrator.config.experiment import ExperimentConfig, SNSBlock, TradesBlock, smoke_experiment
+from orchestrator.config.experiment import EvalAttack, ExperimentConfig, SNSBlock, TradesBlock, smoke_experiment
 from orchestrator.config.loader import Strict, config_kind, load_config, validate
 from orchestrator.config.study import Resources, TrackingConfig
 
@@ -32,7 +32,7 @@ class SensitivityBlock(Strict):
     """Each final model's sensitivity on the first `examples` test images against its own attack."""
 
     examples: int = Field(500, ge=1)
-    attack: Attack | None = None  # None: PGD-10 at the training attack's norm and eps
+    attack: EvalAttack | None = None  # None: PGD-10 at the training attack's norm and eps (so is a left-out eps)
 
 
 @config_kind("a methods-analysis config", "python -m pipelines.analyze methods")
@@ -77,7 +77,9 @@ class MethodsConfig(Strict):
         return validate(ExperimentConfig, data, source=f"methods.{entry.label}")
 
     def sensitivity_attack(self) -> Attack:
-        return self.sensitivity.attack or self.experiment.val_attack()
+        if self.sensitivity.attack is None:
+            return self.experiment.val_attack()
+        return self.sensitivity.attack.resolve(self.experiment.attack)
 
     def smoke(self) -> MethodsConfig:
         """The same comparison at a seconds-long budget (the tests run it): two seeds, the smoke experiment."""

@@ -4,21 +4,30 @@
     objective = experiment.objective()          # ns_core objective from `method` and the blocks it takes
     train = experiment.train_config()           # ns_core TrainConfig
     suite = experiment.final_suite()            # the final evaluation's attacks (ns_core Attack)
+    experiment.threat_model_notes()             # evaluation attacks that set another eps or norm on purpose
 
 Blocks: `attack` (the training attack, an ns_core Attack), `sns`, `trades`, `mart`, `cas`, `train`, `eval`,
 `data`. A method takes what its factory asks for (`attack`, `beta` from `trades`, the `sns` fields), and the
 method's own block (`mart`, `cas`) before the shared ones, so no block is mapped by hand per method. Studies
 and analyses are built from these same blocks.
+
+The training attack is the experiment's threat model. An evaluation attack (`train.val_attack`, each of
+`eval.attacks`, a study's `confirm.attacks`) that leaves out `eps` and `norm` attacks at the training
+attack's, so `--set attack.eps=8/255` moves all of them; one that sets another eps or norm keeps it, and
+`threat_model_notes` says so in a line the pipelines print first (in --dry-run too).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ns_core.attacks import Attack
+from ns_core.attacks import Attack, attack_parameters
 from ns_core.data import DATASETS
 from ns_core.models import MODELS
 from ns_core.objectives import OBJECTIVES, SNS_BASES, Objective, create_objective, objective_arguments
@@ -54,9 +63,74 @@ class CASBlock(Strict):
     layers: list[str] | None = Field(None, min_length=1)  # None: the last of the model's studied layers
 
 
+@dataclass(frozen=True)
+class EvalAttack:
+    """An evaluation attack as YAML writes it: an ns_core Attack whose `eps` and `norm`, when left out, are the
+    training attack's (`resolve`); an attack that takes no norm attacks in linf. A leaf value like Attack, so
+    `--set train.val_attack={name: pgd, steps: 20}` sets it whole."""
+
+    name: str
+    eps: float | None = None  # None: the training attack's
+    norm: str | None = None  # None: the training attack's
+    steps: int | None = None
+    alpha: float | None = None
+    restarts: int = 1
+    layers: tuple[str, ...] | None = None
+
+    # pydantic validates it from YAML: unknown keys and non-finite numbers are errors
+    __pydantic_config__ = {"extra": "forbid", "allow_inf_nan": False}
+
+    def __post_init__(self) -> None:
+        """The attack's own checks (name, steps, alpha, ...) that need no training attack; the threat model's
+        (an eps above 1 in linf, ...) run when it is resolved against one."""
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.eps is not None and self.eps < 0:
+            raise ValueError(f"attack {self.name!r}: eps must be >= 0 (or left out for the training attack's), "
+                             f"got {self.eps}")
+        self._attack(self.eps if self.eps is not None and self.norm is not None else 0.0, self.norm or "linf")
+
+    @classmethod
+    def of(cls, attack: Attack) -> EvalAttack:
+        """The same attack with its eps and norm set."""
+        return cls(**{f.name: getattr(attack, f.name) for f in fields(attack)})
+
+    def _attack(self, eps: float, norm: str) -> Attack:
+        return Attack(self.name, eps, norm=norm, steps=self.steps, alpha=self.alpha, restarts=self.restarts,
+                      layers=self.layers)
+
+    def resolve(self, training: Attack) -> Attack:
+        """The ns_core Attack at `training`'s eps and norm wherever this one sets none of its own."""
+        norm = self.norm or (training.norm if "norm" in attack_parameters(self.name) else "linf")
+        if self.eps is None and norm != training.norm:
+            raise ValueError(f"{self.name} attacks in {norm} only, the training attack in {training.norm}: give it "
+                             f"its own eps (and norm: {norm}) or leave it out")
+        return self._attack(training.eps if self.eps is None else self.eps, norm)
+
+
+def threat_model_notes(training: Attack, attacks: Sequence[tuple[str, str, EvalAttack | None]]) -> list[str]:
+    """One line per (what, config path, attack) whose eps or norm, set in the config, differs from the training
+    attack's, e.g. "validation attack pgd at eps 0.1 differs from the training attack's eps 0.2 (set on purpose
+    in train.val_attack)". Attacks that leave eps and norm out follow the training attack: no line."""
+    notes = []
+    for what, path, spec in attacks:
+        if spec is None or (spec.eps is None and spec.norm is None):
+            continue
+        attack = spec.resolve(training)
+        same_eps = math.isclose(attack.eps, training.eps, rel_tol=1e-4, abs_tol=1e-9)
+        if same_eps and attack.norm == training.norm:
+            continue
+        norms = attack.norm != training.norm
+        mine = f"{attack.norm} eps {attack.eps:.4g}" if norms else f"eps {attack.eps:.4g}"
+        theirs = f"{training.norm} eps {training.eps:.4g}" if norms else f"eps {training.eps:.4g}"
+        notes.append(f"{what} {attack.name} at {mine} differs from the training attack's {theirs} (set on purpose "
+                     f"in {path})")
+    return notes
+
+
 class TrainBlock(Strict):
     """ns_core.training.TrainConfig's fields, with its defaults; val_attack None: PGD-10 at the training
-    attack's norm and eps."""
+    attack's norm and eps (as is any val_attack that leaves them out)."""
 
     epochs: int = Field(_TC.epochs, ge=1)
     batch_size: int = Field(_TC.batch_size, ge=1)
@@ -70,7 +144,7 @@ class TrainBlock(Strict):
     seed: int = _TC.seed
     device: str = Field(_TC.device, pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     amp: bool = _TC.amp
-    val_attack: Attack | None = None
+    val_attack: EvalAttack | None = None
     eps_ramp_epochs: int = Field(0, ge=0)  # the training attack's eps grows over these first epochs
     val_batch_size: int = Field(_TC.val_batch_size, ge=1)
     probe_size: int = Field(_TC.probe_size, ge=1)
@@ -80,9 +154,9 @@ class TrainBlock(Strict):
 
 class EvalBlock(Strict):
     """The final evaluation on the test split. attacks None: FGSM, PGD-20, feature_pgd (SNS models) and
-    AutoAttack at the training attack's norm and eps."""
+    AutoAttack at the training attack's norm and eps (as is any listed attack that leaves them out)."""
 
-    attacks: list[Attack] | None = Field(None, min_length=1)
+    attacks: list[EvalAttack] | None = Field(None, min_length=1)
     examples: int | None = Field(None, ge=1)  # None: the whole test split
     cascade: bool = True  # each attack only on the examples still standing (as AutoAttack runs)
     check_examples: int = Field(200, ge=1)  # examples the gradient-masking checks use
@@ -140,6 +214,13 @@ class ExperimentConfig(Strict):
             raise ValueError(f"sns.warmup_epochs ({self.sns.warmup_epochs}) must be < train.epochs ({epochs}): the SNS "
                              "regularizer would never switch on")
         self.objective()  # the objective's own checks, before anything runs
+        for i, spec in enumerate([self.train.val_attack, *(self.eval.attacks or [])]):
+            if spec is not None:
+                try:
+                    spec.resolve(self.attack)
+                except ValueError as err:
+                    where = "train.val_attack" if i == 0 else f"eval.attacks.{i - 1}"
+                    raise ValueError(f"{where}: {err}") from None
         return self
 
     def objective_params(self) -> dict[str, Any]:
@@ -159,7 +240,21 @@ class ExperimentConfig(Strict):
         return self.sns.base if self.method == "sns" else self.method
 
     def val_attack(self) -> Attack:
-        return self.train.val_attack or Attack("pgd", self.attack.eps, norm=self.attack.norm, steps=10)
+        return (self.train.val_attack or EvalAttack("pgd", steps=10)).resolve(self.attack)
+
+    def attacks_text(self) -> str:
+        """'training pgd-linf-eps0.2-s10-r1; validation pgd-...; final suite fgsm-..., ...': every attack at the
+        eps and norm it will run at (--dry-run prints it; the YAML leaves the inherited ones out)."""
+        return (f"training {self.attack.label}; validation {self.val_attack().label}; final suite "
+                f"{', '.join(a.label for a in self.final_suite())}")
+
+    def threat_model_notes(self, where: str = "") -> list[str]:
+        """The evaluation attacks whose eps or norm the config sets apart from the training attack's, one line
+        each (module docstring); empty when every attack follows the experiment's threat model. `where` prefixes
+        the config paths (a study's "experiment.")."""
+        return threat_model_notes(self.attack, [
+            ("validation attack", f"{where}train.val_attack", self.train.val_attack),
+            *[("final-suite attack", f"{where}eval.attacks[{i}]", a) for i, a in enumerate(self.eval.attacks or [])]])
 
     def train_config(self) -> TrainConfig:
         values = self.train.model_dump(exclude={"val_attack", "eps_ramp_epochs"})
@@ -167,7 +262,7 @@ class ExperimentConfig(Strict):
 
     def final_suite(self) -> list[Attack]:
         if self.eval.attacks is not None:
-            return list(self.eval.attacks)
+            return [spec.resolve(self.attack) for spec in self.eval.attacks]
         eps, norm = self.attack.eps, self.attack.norm
         suite = [Attack("fgsm", eps)] if norm == "linf" else []
         suite.append(Attack("pgd", eps, norm=norm, steps=20))
@@ -190,10 +285,11 @@ def smoke_experiment(experiment: ExperimentConfig) -> ExperimentConfig:
     return apply_overrides(experiment, {
         "train.epochs": epochs, "train.eps_ramp_epochs": min(experiment.train.eps_ramp_epochs, epochs - 1),
         "sns.warmup_share": None,
-        "train.probe_size": 64, "train.val_attack": experiment.val_attack().replace(steps=2),
+        "train.probe_size": 64,
+        "train.val_attack": replace(experiment.train.val_attack or EvalAttack("pgd"), steps=2),
         "attack.steps": min(experiment.attack.steps_used, 2) if experiment.attack.steps_used > 1 else None,
         "data.val_size": 64, "data.train_limit": min(experiment.data.train_limit or 256, 256),
         "data.test_limit": min(experiment.data.test_limit or 128, 128), "eval.examples": 64,
-        "eval.check_examples": 32, "eval.sensitivity_examples": 64, "eval.attacks": suite,
+        "eval.check_examples": 32, "eval.sensitivity_examples": 64, "eval.attacks": [EvalAttack.of(a) for a in suite],
         "sns.warmup_epochs": min(experiment.sns.warmup_epochs, 1),
     })

@@ -25,8 +25,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ns_core.attacks import Attack
-from orchestrator.config.experiment import ExperimentConfig, smoke_experiment
+from orchestrator.config.experiment import EvalAttack, ExperimentConfig, smoke_experiment, threat_model_notes
 from orchestrator.config.loader import ConfigError, Strict, apply_overrides, canonical_path, config_kind, load_config
 from orchestrator.results import count
 
@@ -164,7 +163,8 @@ class ConfirmBlock(Strict):
     seeds: list[int] | int = 3  # the first seeds: a count (search seed + 1, + 2, ...) or a list
     max_seeds: int = Field(10, ge=1)  # stop there undecided
     margin: float = Field(1.0, gt=0)  # equivalence margin, in accuracy points
-    attacks: list[Attack] | None = Field(None, min_length=1)  # None: the experiment's final suite
+    attacks: list[EvalAttack] | None = Field(None, min_length=1)  # None: the experiment's final suite; an attack
+    # that leaves out eps and norm attacks at the training attack's (orchestrator/config/experiment.py)
     examples: int | None = Field(None, ge=1)  # None: the whole test split
 
 
@@ -236,7 +236,19 @@ class StudyFile(Strict):
             if len(seeds) > self.confirm.max_seeds:
                 raise ValueError(f"confirm.max_seeds ({self.confirm.max_seeds}) must be >= the first seeds "
                                  f"({len(seeds)})")
+            for i, spec in enumerate(self.confirm.attacks or []):
+                try:
+                    spec.resolve(self.experiment.attack)
+                except ValueError as err:
+                    raise ValueError(f"confirm.attacks.{i}: {err}") from None
         return self
+
+    def threat_model_notes(self) -> list[str]:
+        """The experiment's evaluation attacks and the confirmation's whose eps or norm the config sets apart from
+        the training attack's, one line each; empty when all follow the study's threat model."""
+        attacks = self.confirm.attacks if self.confirm is not None else None
+        return self.experiment.threat_model_notes("experiment.") + threat_model_notes(self.experiment.attack, [
+            ("confirmation attack", f"confirm.attacks[{i}]", a) for i, a in enumerate(attacks or [])])
 
     def _point(self, i: int, point: dict[str, Any]) -> dict[str, Any]:
         where = f"study.points_to_evaluate.{i}"
