@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
     p.add_argument("--label", help="a name for the model in the report (default: the file's stem)")
     built = p.add_argument_group(
-        "how --state-dict's model is built", "A factory that takes num_classes alone (torchvision's) is built as "
-        "it is, its first convolution fitted only where the data's channel count differs; these add what its "
-        "training had (a checkpoint replays how nslab built it, so they apply to --state-dict only).")
+        "how --state-dict's model is built",
+        "A factory that takes num_classes alone (torchvision's) is built as it is\n"
+        "(its first convolution refitted only where the data's channel count differs); these flags add\n"
+        "what its training had. A --checkpoint replays how nslab built it: they apply to --state-dict only.")
     built.add_argument("--adapt", dest="adapt", action="append_const", const="all", help=ADAPT_CHOICES["all"])
     built.add_argument("--normalize", dest="adapt", action="append_const", const="normalize",
                        help=ADAPT_CHOICES["normalize"])
