@@ -155,7 +155,7 @@ def _main(argv: list[str] | None) -> int:
     from orchestrator.run import preflight
 
     # everything that can be wrong with the data, the model and its layers is one line, before Ray starts
-    ready = {arm.name: preflight(arm.experiment) for arm in study.arms()}
+    ready = {arm.name: preflight(arm.experiment) for arm in study.arm_list()}
     if args.dry_run:
         return dry_run(args, study, name, ready)
     if "://" not in study.storage.ray:
@@ -221,7 +221,9 @@ def dry_run(args, study: StudyFile, name: str, ready: dict) -> int:
         if study.confirm is not None and study.confirm.attacks else ""))
     for note in study.threat_model_notes():
         print(f"# note: {note}")
-    arms = "; ".join(arm.describe() for arm in study.arms())
+    for line in study.design_lines():
+        print(f"# {line}")
+    arms = "; ".join(arm.describe() for arm in study.arm_list())
     confirm = "no confirmation" if study.confirm is None or args.no_confirm else (
         f"confirmation on seeds {study.confirm_seeds()}, up to {study.confirm.max_seeds} seeds until decided")
     print(f"# dry run: config {args.config} is valid; study {name}: {arms}; {confirm}")

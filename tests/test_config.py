@@ -303,7 +303,7 @@ def test_a_study_confirms_each_configuration_at_its_own_training_eps():
     from orchestrator.study.confirmation import Configuration, confirm_suite
 
     study = load_study(REPO / "configs" / "study" / "quick.yaml", {"experiment.attack.eps": "8/255"})
-    arm = study.arms()[1]
+    arm = study.arm_list()[1]
     suite = confirm_suite(study, Configuration("sns", arm, {}, "sns-01"))
     assert [a.name for a in suite] == ["fgsm", "pgd", "feature_pgd", "apgd_ce"]
     assert all(a.eps == pytest.approx(8 / 255) for a in suite)

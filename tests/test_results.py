@@ -67,14 +67,16 @@ def test_one_verdict_sentence_names_what_was_compared_and_says_each_decision():
                              diff(0.03, 0.031, 0.029), diff(-0.01, -0.02, -0.015), robust_name="AutoAttack",
                              margin=0.01)
     assert beats.startswith("SNS, tuned over 8 trials, vs PGD-AT, tuned over 8 trials: +3.0 ± 0.1 AutoAttack points")
-    assert "(3/3 seeds, 95% CI +2.8 to +3.2, P(SNS better) 1.00), -1.5 clean: SNS beats PGD-AT after 3 seeds" in beats
+    assert ("(3/3 seeds, 95% CI +2.8 to +3.2, P(SNS better) 1.00; ± = sd over seeds), -1.5 clean: SNS beats PGD-AT "
+            "after 3 seeds") in beats  # the spread beside the interval says what it is
     loses = verdict_sentence("a vs b", "A", "B", diff(-0.05, -0.04, -0.06), None, robust_name="r", margin=0.01)
     assert loses.endswith("A loses to B after 3 seeds")
     same = verdict_sentence("a vs b", "A", "B", diff(0.0, 0.0), None, robust_name="r", margin=0.01)
     assert "A is equivalent to B within ±1.0 points after 2 seeds" in same
     open_ = verdict_sentence("a vs b", "A", "B", diff(0.02, -0.01, 0.03), None, robust_name="r", margin=0.01,
                              left_out={4: "the sns run failed (TrainingCollapsed)"})
-    assert "undecided after 3 seeds" in open_ and f"needs about {seeds_needed(diff(0.02, -0.01, 0.03))} seeds" in open_
+    more = seeds_needed(diff(0.02, -0.01, 0.03)) - 3
+    assert f"undecided after 3 seeds; about {more} more would decide an effect of this size" in open_
     assert open_.endswith("; seed 4 left out: the sns run failed (TrainingCollapsed)")
     one = verdict_sentence("a vs b", "A", "B", diff(0.05), None, robust_name="r", margin=0.01)
     assert one.endswith("(1/1 seeds, P(A better) 1.00): undecided after 1 seed (one seed has no interval)")
@@ -135,7 +137,7 @@ def rows_for(robust: dict[int, tuple[float, float]]) -> list[dict]:
 
 
 def configurations(s):
-    baseline, method = s.arms()
+    baseline, method = s.arm_list()
     return [Configuration("baseline", baseline, {}, "baseline"), Configuration("sns", method, {}, "sns-01")]
 
 

@@ -57,7 +57,7 @@ def test_arms_search_the_same_way_the_baseline_arm_never_samples_sns_paths(tmp_p
                  search_space={"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
                                "sns.layers": {"type": "categorical", "choices": [["relu3"], ["relu3", "relu4"]]},
                                "sns.lam": {"type": "float", "low": 0.01, "high": 1.0, "log": True}})
-    baseline, method = study.arms()
+    baseline, method = study.arm_list()
     assert (baseline.name, baseline.method, baseline.trials, baseline.tuned) == ("baseline", "pgd_at", 3, True)
     assert set(baseline.space) == {"train.lr"} and set(method.space) == {"train.lr", "sns.layers", "sns.lam",
                                                                           "sns.fraction"}  # + tiny.yaml's
@@ -89,10 +89,10 @@ def test_arms_search_the_same_way_the_baseline_arm_never_samples_sns_paths(tmp_p
 
 
 def test_an_untuned_baseline_is_one_trial_and_so_is_a_baseline_with_nothing_shared_to_search(tmp_path):
-    assert tiny(tmp_path).arms()[0].describe() == "an untuned PGD-AT baseline"  # tiny searches sns.* only
+    assert tiny(tmp_path).arm_list()[0].describe() == "an untuned PGD-AT baseline"  # tiny searches sns.* only
     study = tiny(tmp_path, baseline={"tune": False},
                  search_space={"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}})
-    baseline, method = study.arms()
+    baseline, method = study.arm_list()
     assert not baseline.tuned and baseline.trials == 1 and baseline.space == {}
     assert method.describe() == "SNS, tuned over 3 trials"
 

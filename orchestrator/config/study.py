@@ -1,8 +1,14 @@
-"""The study config (configs/study/*.yaml): an experiment, a search space, two arms, a sequential
+"""The study config (configs/study/*.yaml): an experiment, a search space, the arms, a sequential
 confirmation, and where results go.
 
     study = load_study("configs/study/quick.yaml", {"study.trials": 3})   # overrides get the YAML's checks
-    for arm in study.arms(): ...                 # the baseline arm, then the method's arm
+    for arm in study.arm_list(): ...             # the baseline arm, then the method's arm (or the `arms:` list)
+    study.control                                # the arm every other is compared with ("baseline")
+
+Two arms: `baseline:` and the experiment's method. Several (a shootout): `arms:` names each arm's method (SNS
+with its `base`), `control:` the arm the others are compared with, `compare: all` every pair too. Every arm is
+searched alike; a path of a method's own block (`sns.*`, `trades.*`, `mart.*`, `cas.*`) belongs to the arms
+whose method reads that block (SNS on TRADES reads `trades.beta`), every other path (the recipe) to all.
 
 Search-space paths are dotted experiment fields (`sns.lam`, alias `sns.lambda`; `train.lr`). Two arms are
 searched alike (same searcher, scheduler, trial count and maximum epochs): the baseline arm (the SNS base
@@ -123,8 +129,16 @@ class StudyBlock(Strict):
     sampler: Literal["tpe", "nsga2"] = "tpe"
     population_size: int | None = Field(None, ge=2)  # nsga2; None: 2 x concurrency (at least 4)
     scheduler: Literal["asha", "none"] = "none"  # asha: multi-fidelity on the primary objective, per arm
-    grace_period: int = Field(1, ge=1)  # asha: epochs every trial gets before it can be stopped
+    # asha: epochs of the longest schedule every trial gets before it can be stopped (a shorter schedule: the same
+    # share of its own epochs), or that share itself (< 1); rungs are shares of each trial's own schedule
+    grace_period: float = Field(1, gt=0)
     reduction_factor: float = Field(2.0, gt=1)
+    # true: the same study file and seeds run the same trials, stop them at the same rungs and choose the same
+    # configurations (trial n is suggested from, and judged against, only the trials up to n - concurrency);
+    # false: each suggestion and rung decision uses whatever has finished (may be faster; not repeatable)
+    reproducible: bool = True
+    replicates: int = Field(1, ge=1)  # whole two-arm searches side by side, each with its own searcher seed
+    replicate_data: bool = False  # each replicate also draws its own validation split (data.data_seed + r - 1)
     resources: Resources = Field(default_factory=Resources)
     seed: int = 0  # the searchers' (each arm's Optuna sampler)
     max_failures: int = Field(1, ge=0)  # retries of a trial whose worker failed (Ray FailureConfig)
@@ -166,6 +180,12 @@ class ConfirmBlock(Strict):
     attacks: list[EvalAttack] | None = Field(None, min_length=1)  # None: the experiment's final suite; an attack
     # that leaves out eps and norm attacks at the training attack's (orchestrator/config/experiment.py)
     examples: int | None = Field(None, ge=1)  # None: the whole test split
+    boundary: Literal["obrien_fleming", "pocock"] = "obrien_fleming"  # the sequential boundary over the looks
+    # (orchestrator/study/design.py; docs/studies.md says why O'Brien-Fleming-type spending is the default)
+    assumed_spread: float = Field(1.2, gt=0)  # points: the seed-to-seed spread of a paired difference that the
+    # study's start line and `nslab power` assume before any seed ran
+    baseline_seed_offset: int = Field(0, ge=0)  # the baseline's runs train on seed + this (paired by seed all the
+    # same): an A/A study (both arms alike) sets it so the arms differ in training randomness, not bit for bit
 
 
 class TrackingConfig(Strict):
@@ -178,22 +198,59 @@ class StorageConfig(Strict):
     optuna: str | None = None  # e.g. sqlite:///optuna.db; None: in memory, saved in Tune's searcher state
 
 
+METHOD_BLOCKS = ("sns", "trades", "mart", "cas")  # a method's own knobs; every other block is the shared recipe
+
+
+def reads_path(experiment: ExperimentConfig, path: str) -> bool:
+    """Whether training `experiment` reads the search-space `path`: the recipe always, a method's own block only
+    for the methods that take it (SNS reads its base's block: `trades.beta` for SNS on TRADES)."""
+    block = path.split(".", 1)[0]
+    if block not in METHOD_BLOCKS:
+        return True
+    if experiment.method == "sns":
+        return block == "sns" or block == experiment.sns.base
+    return block == experiment.method
+
+
+class ArmSpec(Strict):
+    """One arm of a shootout: its name (a column, a tag, a colour), its method and, for SNS, its base."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    method: str
+    base: str | None = None  # sns only: the base loss it regularizes (pgd_at, fast_at, trades)
+    tune: bool = True  # false: one untuned trial of the experiment's recipe (verdicts say so)
+
+
 @dataclass(frozen=True)
 class Arm:
     """One side of the comparison: a method, the paths it searches and its trial count (`tuned` False: one
     fixed trial of the experiment's recipe)."""
 
-    name: str  # "baseline", or the study's method ("sns")
+    name: str  # "baseline", or the study's method ("sns"), or an `arms:` entry's name
     method: str
     experiment: ExperimentConfig
     space: dict[str, ParamSpec]
     trials: int
     tuned: bool
+    name_base: bool = False  # an SNS arm's title names its base even when it is PGD-AT (a shootout's arms)
+
+    @property
+    def title(self) -> str:
+        """'PGD-AT', 'SNS', 'SNS on TRADES' (an SNS arm names its base when it is not PGD-AT, or in a shootout)."""
+        name = method_title(self.method)
+        base = self.experiment.sns.base
+        named = self.method == "sns" and (base != "pgd_at" or self.name_base)
+        return f"{name} on {method_title(base)}" if named else name
 
     def describe(self) -> str:
         """'SNS, tuned over 16 trials' / 'an untuned PGD-AT baseline'."""
-        name = self.method.upper().replace("_", "-")
-        return f"{name}, tuned over {count(self.trials, 'trial')}" if self.tuned else f"an untuned {name} baseline"
+        return (f"{self.title}, tuned over {count(self.trials, 'trial')}" if self.tuned
+                else f"an untuned {self.title} baseline")
+
+
+def method_title(method: str) -> str:
+    """'pgd_at' -> 'PGD-AT', 'sns' -> 'SNS', 'trades' -> 'TRADES'."""
+    return method.upper().replace("_", "-")
 
 
 @config_kind("a study config", "python -m pipelines.study")
@@ -206,6 +263,9 @@ class StudyFile(Strict):
     experiment: ExperimentConfig
     search_space: dict[str, ParamSpec] = Field(min_length=1)
     baseline: BaselineBlock | None = Field(default_factory=BaselineBlock)  # null: no baseline arm
+    arms: list[ArmSpec] | None = Field(None, min_length=2)  # a shootout (replaces `baseline`)
+    control: str | None = None  # `arms:` only: the arm the others are compared with (default: the first)
+    compare: Literal["control", "all"] = "control"  # all: every pair of arms, Holm over the whole family
     confirm: ConfirmBlock | None = Field(default_factory=ConfirmBlock)  # null: no confirmation stage
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -223,10 +283,12 @@ class StudyFile(Strict):
             canonical[full] = spec
         self.search_space = canonical
         self.study.points_to_evaluate = [self._point(i, p) for i, p in enumerate(self.study.points_to_evaluate)]
-        if self.study.scheduler == "asha" and self.study.grace_period >= self.max_epochs():
-            raise ValueError(f"study.grace_period: must be < the maximum epochs ({self.max_epochs()}) for ASHA to "
-                             f"have a rung (got {self.study.grace_period})")
-        for arm in self.arms():  # every combination of edges and choices builds, before anything trains
+        self._check_arms()
+        grace = self.study.grace_period
+        if self.study.scheduler == "asha" and (grace >= self.max_epochs() or (1 < grace and not grace.is_integer())):
+            raise ValueError(f"study.grace_period: must be whole epochs below the maximum ({self.max_epochs()}), or a "
+                             f"share of each trial's epochs below 1, for ASHA to have a rung (got {grace:g})")
+        for arm in self.arm_list():  # every combination of edges and choices builds, before anything trains
             check_combinations(arm.experiment, arm.space, f"the {arm.name} arm's search space")
         if self.confirm is not None:
             seeds = self.confirm_seeds()
@@ -236,6 +298,10 @@ class StudyFile(Strict):
             if len(seeds) > self.confirm.max_seeds:
                 raise ValueError(f"confirm.max_seeds ({self.confirm.max_seeds}) must be >= the first seeds "
                                  f"({len(seeds)})")
+            every, offset = self.confirm_seeds(self.confirm.max_seeds), self.confirm.baseline_seed_offset
+            if offset and {s + offset for s in every} & {*every, self.experiment.train.seed}:
+                raise ValueError(f"confirm.baseline_seed_offset: {offset} moves the baseline onto seeds the "
+                                 f"method or the search trains ({every}); use at least {max(every)}")
             for i, spec in enumerate(self.confirm.attacks or []):
                 try:
                     spec.resolve(self.experiment.attack)
@@ -264,6 +330,86 @@ class StudyFile(Strict):
         _check_override(self.experiment, point, where)
         return point
 
+    def _check_arms(self) -> None:
+        if self.arms is None:
+            if self.control is not None or self.compare != "control":
+                raise ValueError("control and compare: only with an `arms:` list (a two-arm study compares its "
+                                 "method with `baseline:`)")
+            return
+        if "baseline" in self.model_fields_set and self.baseline is not None:
+            raise ValueError("arms: a study names its arms either with `arms:` (and `control:`) or with `baseline:`, "
+                             "not both; move the baseline into `arms:`")
+        self.baseline = None
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arms: each name may appear once (got {names})")
+        for i, spec in enumerate(self.arms):
+            if spec.base is not None and spec.method != "sns":
+                raise ValueError(f"arms.{i}.base: only an sns arm has a base (the {spec.name} arm's method is "
+                                 f"{spec.method}); remove it")
+            try:
+                self.arm_experiment(spec)
+            except ConfigError as err:
+                raise ValueError(f"arms.{i} ({spec.name}): {str(err).removeprefix('config error: ')}") from None
+        experiments = [self.arm_experiment(spec) for spec in self.arms]
+        unread = [p for p in self.search_space if not any(reads_path(e, p) for e in experiments)]
+        if unread:
+            raise ValueError(f"search_space.{unread[0]}: no arm's method reads it (arms: "
+                             f"{', '.join(f'{a.name} ({a.method})' for a in self.arms)}); remove it or add an arm")
+        if self.control is None:
+            self.control = names[0]
+        elif self.control not in names:
+            close = difflib.get_close_matches(self.control, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"control: {self.control!r} is not an arm (arms: {', '.join(names)}){hint}")
+
+    def arm_experiment(self, spec: ArmSpec) -> ExperimentConfig:
+        """The study's experiment trained by an `arms:` entry's method (and SNS base)."""
+        values: dict[str, Any] = {"method": spec.method, "name": f"{self.experiment.name}-{spec.name}"}
+        if spec.base is not None:
+            values["sns.base"] = spec.base
+        return apply_overrides(self.experiment, values)
+
+    @property
+    def control_arm(self) -> str | None:
+        """The name of the arm every other arm is compared with: `control:` (or the first of `arms:`), else the
+        two-arm study's "baseline"; None without one."""
+        if self.arms is not None:
+            return self.control
+        return "baseline" if self.baseline is not None else None
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """(arm, reference) pairs the confirmation judges, one family under Holm: every arm against the control;
+        each SNS arm against the arm of its own base method where there is one (the paper's claim, per base);
+        with `compare: all`, every other pair too."""
+        control, arms = self.control_arm, self.arm_list()
+        if control is None:
+            return []
+        pairs = [(a.name, control) for a in arms if a.name != control]
+        for arm in arms:
+            if arm.method == "sns":
+                own = [b.name for b in arms if b.method == arm.experiment.sns.base]
+                if own and (arm.name, own[0]) not in pairs and own[0] != arm.name:
+                    pairs.append((arm.name, own[0]))
+        if self.compare == "all":
+            for a, b in itertools.combinations([a.name for a in arms], 2):
+                if (a, b) not in pairs and (b, a) not in pairs:
+                    pairs.append((a, b))
+        return pairs
+
+    def design_lines(self) -> list[str]:
+        """What the study compares, for --dry-run: each arm with the paths it searches, then the comparisons the
+        confirmation judges (one family)."""
+        lines = [f"arm {arm.name}: {arm.describe()}; searches "
+                 f"{', '.join(arm.space) if arm.space else 'nothing (the experiment recipe as it is)'}"
+                 for arm in self.arm_list()]
+        pairs = self.comparisons()
+        if pairs and self.confirm is not None:
+            family = f", Holm over {count(len(pairs), 'comparison')}" if len(pairs) > 1 else ""
+            lines.append(f"comparisons ({self.control_arm} is the control{family}): "
+                         + "; ".join(f"{a} vs {b}" for a, b in pairs))
+        return lines
+
     def baseline_method(self) -> str | None:
         if self.baseline is None:
             return None
@@ -274,8 +420,18 @@ class StudyFile(Strict):
         return apply_overrides(self.experiment, {"method": self.baseline_method(),
                                                  "name": f"{self.experiment.name}-baseline"})
 
-    def arms(self) -> list[Arm]:
-        """The baseline arm (when there is a baseline), then the method's arm."""
+    def arm_list(self) -> list[Arm]:
+        """The baseline arm (when there is a baseline), then the method's arm; or the `arms:` list, in its order.
+        Every tuned arm searches the paths its method reads (`reads_path`) with the same trial count."""
+        if self.arms is not None:
+            out = []
+            for spec in self.arms:
+                experiment = self.arm_experiment(spec)
+                space = {p: s for p, s in self.search_space.items() if reads_path(experiment, p)}
+                tuned = spec.tune and bool(space)
+                out.append(Arm(spec.name, spec.method, experiment, space if tuned else {},
+                               self.study.trials if tuned else 1, tuned, name_base=True))
+            return out
         arms = []
         if self.baseline is not None:
             shared = {p: s for p, s in self.search_space.items() if not p.startswith("sns.")}

@@ -126,7 +126,10 @@ def epochs_saved(histories: Iterable[tuple[int, int]], warmup_epochs: int) -> tu
 def search_warmup_plan(study: StudyFile) -> list[int] | None:
     """The warm-up lengths (epochs) one shared warm-up trial of the search keeps checkpoints at, when every trial
     of the method's arm would train the same base-method warm-up epochs; else None (and the log says why)."""
-    method = study.arms()[-1]
+    if study.arms is not None:
+        log.info("no shared warm-up in a study of several arms: each arm trains its own epochs")
+        return None
+    method = study.arm_list()[-1]
     lengths = sorted(search_warmup_lengths(study) - {0})
     if not (study.study.share_warmup and lengths and not any(shapes_trajectory(p) for p in method.space)
             and takes_part(method.experiment) and study.experiment.method == "sns"):

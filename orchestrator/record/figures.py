@@ -12,6 +12,7 @@ what it compares in its title and how many runs it rests on.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,12 +21,15 @@ from matplotlib.figure import Figure
 
 from orchestrator.results import Status, finite
 
-ARM_COLORS = {"baseline": "tab:blue"}
-METHOD_COLOR = "tab:red"
+# One colour per arm name in every plot of a study (a shootout's usual arm names get distinct ones; any other
+# name a stable colour of its own from the rest of the palette).
+ARM_COLORS = {"baseline": "tab:blue", "pgd_at": "tab:blue", "sns": "tab:red", "sns_pgd_at": "tab:red",
+              "trades": "tab:green", "sns_trades": "tab:purple", "mart": "tab:orange", "cas": "tab:brown"}
+OTHER_COLORS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 
 
 def arm_color(arm: str) -> str:
-    return ARM_COLORS.get(arm, METHOD_COLOR)
+    return ARM_COLORS.get(arm) or OTHER_COLORS[zlib.crc32(arm.encode()) % len(OTHER_COLORS)]
 
 
 def sensitivity_figure(smap, selected: Mapping[str, Any] | None = None, title: str = "neuron sensitivity") -> Figure:
@@ -49,8 +53,8 @@ def sensitivity_figure(smap, selected: Mapping[str, Any] | None = None, title: s
 
 def pareto_figure(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
                   front: Sequence[bool], title: str = "") -> Figure:
-    """Each arm's completed trials (labelled by trial number) on the first two objectives with its front joined;
-    one objective: the value per trial number."""
+    """Each arm's completed trials (labelled by trial name, e.g. sns-07, the name of its MLflow run) on the first
+    two objectives with its front joined, accuracies in percent; one objective: the value per trial number."""
     figure = Figure(figsize=(6.0, 4.4), layout="constrained")
     ax = figure.subplots()
     done = [(r, on) for r, on in zip(rows, front, strict=True) if r.get("status") == Status.COMPLETE]
@@ -59,25 +63,40 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[
     my = objectives[1][0] if len(objectives) > 1 else None
     for arm in arms:
         mine = [(r, on) for r, on in done if r.get("arm", "") == arm]
-        xs = [r.get(mx) for r, _ in mine] if my else [r.get("number") or i for i, (r, _) in enumerate(mine, 1)]
-        ys = [r.get(my) for r, _ in mine] if my else [r.get(mx) for r, _ in mine]
+        xs = [_shown(mx, r.get(mx)) for r, _ in mine] if my else [r.get("number") or i for i, (r, _) in
+                                                                   enumerate(mine, 1)]
+        ys = [_shown(my, r.get(my)) for r, _ in mine] if my else [_shown(mx, r.get(mx)) for r, _ in mine]
         ax.scatter(xs, ys, color=arm_color(arm), alpha=0.55, label=f"{arm} arm ({len(mine)} completed)")
         for (r, _), x, y in zip(mine, xs, ys, strict=True):
-            ax.annotate(str(r.get("number") or r.get("label") or r.get("trial", "")), (x, y), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        best = sorted(((r.get(mx), r.get(my)) for r, on in mine if on), key=lambda p: p[0]) if my else []
+            ax.annotate(trial_name(r), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        best = sorted(((x, y) for (_, on), x, y in zip(mine, xs, ys, strict=True) if on), key=lambda p: p[0]) \
+            if my else []
         if best:
             ax.plot([p[0] for p in best], [p[1] for p in best], "o-", color=arm_color(arm), label=f"{arm} front")
     if my:
-        ax.set_xlabel(f"{mx} ({objectives[0][1]})")
-        ax.set_ylabel(f"{my} ({objectives[1][1]})")
+        ax.set_xlabel(f"{mx}{_unit(mx)} ({objectives[0][1]})")
+        ax.set_ylabel(f"{my}{_unit(my)} ({objectives[1][1]})")
     else:
         ax.set_xlabel("trial number (creation order, per arm)")
-        ax.set_ylabel(mx)
+        ax.set_ylabel(f"{mx}{_unit(mx)}")
     if done:
         ax.legend(fontsize=8)
     ax.set_title(title or f"validation objectives of {len(done)} completed trials", fontsize=10)
     return figure
+
+
+def trial_name(row: Mapping[str, Any]) -> str:
+    """A trial as every record names it ('sns-07', its MLflow run's name); its number only when it has no name."""
+    return str(row.get("label") or row.get("trial") or row.get("number") or "")
+
+
+def _shown(metric: str, value: Any) -> Any:
+    """An accuracy (a fraction) in percent, as every table and plot of a study shows it; other values as they are."""
+    return 100 * value if metric.endswith("acc") and finite(value) else value
+
+
+def _unit(metric: str) -> str:
+    return " (%)" if metric.endswith("acc") else ""
 
 
 def compute_figure(compute: pa.Table, metric: str) -> Figure:
@@ -147,7 +166,7 @@ def confirmation_figure(confirmation) -> Figure:
         labels.append(f"{comparison.configuration.name}\n− {comparison.baseline.name}")
     if confirmation.comparisons:
         margin = 100 * confirmation.comparisons[0].margin
-        ax_diff.axhspan(-margin, margin, color="gray", alpha=0.15, label=f"±{margin:g}-point margin")
+        ax_diff.axhspan(-margin, margin, color="gray", alpha=0.15, label=f"equivalence margin (±{margin:g} points)")
         ax_diff.legend(fontsize=7)
     ax_diff.axhline(0, color="gray", linestyle="--", linewidth=0.8)
     ax_diff.set_xlim(-0.6, max(len(labels), 1) - 0.4)

@@ -8,9 +8,11 @@ The search chose on validation; this stage is the only one of a study that reads
 arm's best configuration (its top `confirm.top_k` by the primary objective, or its Pareto front) and the
 baseline arm's best each train again on the first `confirm.seeds` fresh seeds (never the search seed), as Tune
 trials nested under the study's parent run, and are evaluated on the whole test split with the final suite.
-Per comparison: the paired differences seed by seed (robust and clean), their mean ± std, a 95% interval, a
-paired-bootstrap probability of improvement, and a decision (orchestrator/study/decision.py). While a comparison is
-undecided and fewer than `confirm.max_seeds` seeds ran, the next round adds fresh seeds. The rounds run in one
+Per comparison: the paired differences seed by seed (robust and clean), their mean ± std, a 95% interval that
+holds wherever the rounds stop and counts the test examples' own variation, a paired-bootstrap probability of
+improvement, and a decision, judged look by look (orchestrator/study/sequential.py, decision.py; with several
+comparisons, Holm's step-down over them). While a comparison is undecided and fewer than `confirm.max_seeds` seeds
+ran, the next round adds fresh seeds, for the configurations of the comparisons still open. The rounds run in one
 Tune experiment (`confirm`, warm workers throughout) whose searcher plans each round from the finished ones
 (orchestrator/execution/search.py `Rounds`) and is saved with it, so a driver killed between seeds resumes with every
 seed it finished and trains none of them twice: the decisions replay from the same results.
@@ -33,13 +35,9 @@ from orchestrator.execution.phases import TrialLog, run_rounds
 from orchestrator.execution.trial_outcome import TrialOutcome
 from orchestrator.execution.trial_settings import Record, Role, TrialSettings
 from orchestrator.results import Status, count, failure_kind, finite, fmt, pct, points, rows_table, verdict_sentence
-from orchestrator.study.decision import (
-    Decision,
-    PairedDifference,
-    decide,
-    paired_difference,
-    probability_of_improvement,
-)
+from orchestrator.study.decision import Decision, PairedDifference, paired_difference, probability_of_improvement
+from orchestrator.study.power import design_line
+from orchestrator.study.sequential import Pairs, confirmation_design, judge, read_examples
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +70,7 @@ class Comparison:
     robust_name: str
     margin: float
     left_out: dict[int, str] = field(default_factory=dict)  # seed -> why it is not in the comparison
-
-    @property
-    def decision(self) -> Decision:
-        return decide(self.robust, self.margin)
+    decision: Decision = Decision.UNDECIDED  # judged at each look (sequential.judge); kept from the deciding one
 
     def what(self) -> str:
         """'SNS, tuned over 8 trials, vs PGD-AT, tuned over 8 trials' (an untuned baseline says so)."""
@@ -83,15 +78,21 @@ class Comparison:
         return f"{self.configuration.arm.describe()}{rank}, vs {self.baseline.arm.describe()}"
 
     def verdict(self) -> str:
-        return verdict_sentence(self.what(), self.configuration.arm.method.upper().replace("_", "-"),
-                                self.baseline.arm.method.upper().replace("_", "-"), self.robust, self.clean,
-                                robust_name=self.robust_name, margin=self.margin, left_out=self.left_out)
+        return verdict_sentence(self.what(), self.configuration.arm.title, self.baseline.arm.title, self.robust,
+                                self.clean,
+                                robust_name=self.robust_name, margin=self.margin, left_out=self.left_out,
+                                decision=self.decision, sources=True)
 
     def summary(self) -> dict[str, Any]:
         low, high = self.robust.ci95
+        widths, design = self.robust.half_widths(), self.robust.design
         return {"configuration": self.configuration.name, "baseline": self.baseline.name, "seeds": self.robust.n,
                 "robust_diff_mean": self.robust.mean, "robust_diff_std": self.robust.std, "ci95_low": low,
-                "ci95_high": high, "clean_diff_mean": self.clean.mean, "wins": self.robust.wins,
+                "ci95_high": high, "half_width_seeds": widths["seeds"],
+                "half_width_test_examples": widths.get("test examples"),
+                "looks": ",".join(str(n) for n in design.looks) if design else None,
+                "boundary": design.boundary if design else None, "holm_family": self.robust.family,
+                "alpha_share": self.robust.share, "clean_diff_mean": self.clean.mean, "wins": self.robust.wins,
                 "p_improvement": probability_of_improvement(self.robust), "decision": str(self.decision),
                 "verdict": self.verdict()}
 
@@ -133,14 +134,14 @@ def _note(row: dict) -> str:
 
 
 def choose(study: StudyFile, rows: list[dict], pareto: list[bool]) -> list[Configuration]:
-    """The baseline arm's best and the method arm's top_k (or Pareto front), completed trials only, by the
+    """The control arm's best and every other arm's top_k (or Pareto front), completed trials only, by the
     primary objective on validation."""
     metric, mode = study.study.objectives[0].metric, study.study.objectives[0].mode
     chosen = []
-    for arm in study.arms():
+    for arm in study.arm_list():
         done = [r for r in rows if r["arm"] == arm.name and r["status"] == Status.COMPLETE and finite(r.get(metric))]
         ranked = sorted(done, key=lambda r: r[metric], reverse=mode == "max")
-        is_method = arm.name != "baseline"
+        is_method = arm.name != study.control_arm
         if is_method and study.confirm.pareto:
             ranked = [r for r, on in zip(rows, pareto, strict=True) if on and r["arm"] == arm.name]
         for i, row in enumerate(ranked[:study.confirm.top_k if is_method else 1], start=1):
@@ -152,28 +153,37 @@ def choose(study: StudyFile, rows: list[dict], pareto: list[bool]) -> list[Confi
 def run_confirmation(study: StudyFile, rows: list[dict], pareto: list[bool], record: Record, path: str,
                      resources: dict[str, float]) -> Confirmation | None:
     configurations = choose(study, rows, pareto)
-    if not any(c.arm.name != "baseline" for c in configurations):
-        log.warning("confirmation skipped: no search trial of the method's arm completed every epoch")
+    if not any(c.arm.name != study.control_arm for c in configurations):
+        log.warning("confirmation skipped: no search trial of the arms compared with %s completed every epoch",
+                    study.control_arm)
         return None
     log.info("confirmation of %s on seeds %s (up to %d seeds until decided; test split)",
              ", ".join(f"{c.name} ({c.describe()})" for c in configurations), study.confirm_seeds(),
              study.confirm.max_seeds)
+    family = len(compared_pairs(study, configurations))
+    log.info("%s", design_line(confirmation_design(study, len(configurations)), study.confirm.assumed_spread,
+                               study.confirm.margin, family=family))
     plan = functools.partial(plan_round, study, configurations, record)
     grid = run_rounds(plan, path, "confirm", resources, limit=study.confirm.max_seeds * len(configurations),
                       max_failures=study.study.max_failures,
                       callbacks=[TrialLog(record.tracking_uri, record.mlflow_experiment,
                                           ["test/clean_acc", "test/robust_acc"], phase="confirm")])
-    results = [confirmation_row(TrialOutcome.of_result(result)) for result in grid]
+    results = confirmation_rows(study, [TrialOutcome.of_result(result) for result in grid])
     return summarize(study, results, configurations, rounds_of(study, len({r["seed"] for r in results}),
-                                                               len(configurations)))
+                                                               len(configurations)), read_examples(record, results))
 
 
 def plan_round(study: StudyFile, configurations: list[Configuration], record: Record,
                outcomes: list[TrialOutcome]) -> list[TrialSettings]:
     """The next round's trials: the first seeds; then, while a comparison is undecided, fresh seeds."""
+    running = configurations
     if outcomes:
-        confirmation = summarize(study, [confirmation_row(o) for o in outcomes], configurations, 0)
+        rows = confirmation_rows(study, outcomes)
+        confirmation = summarize(study, rows, configurations, 0, read_examples(record, rows))
         seeds = next_seeds(study, confirmation)
+        open_ = [c for c in confirmation.comparisons if c.decision == Decision.UNDECIDED]
+        needed = {c.configuration.name for c in open_} | {c.baseline.name for c in open_}
+        running = [conf for conf in configurations if conf.name in needed]  # a decided comparison stays decided
         if seeds:
             log.info("undecided after %s (%s): adding seed(s) %s", count(len(confirmation.seeds), "seed"),
                      "; ".join(f"{c.configuration.name} {points(c.robust.mean)}, " + (
@@ -183,11 +193,14 @@ def plan_round(study: StudyFile, configurations: list[Configuration], record: Re
     else:
         seeds = study.confirm_seeds()
     suites = {conf.name: confirm_suite(study, conf) for conf in configurations}
+    shift = {conf.name: study.confirm.baseline_seed_offset if conf.arm.name == study.control_arm else 0
+             for conf in configurations}
     return [TrialSettings(role=Role.CONFIRM, label=f"confirm-{conf.name}-s{seed}", experiment=_experiment(conf),
-                          record=record, overrides={**conf.overrides, "train.seed": seed}, arm=conf.arm.name,
-                          evaluate=True, final_suite=suites[conf.name], examples=study.confirm.examples,
-                          configuration=conf.name, objective=study.study.objectives[0].metric)
-            for seed in seeds for conf in configurations]
+                          record=record, overrides={**conf.overrides, "train.seed": seed + shift[conf.name]},
+                          arm=conf.arm.name, evaluate=True, final_suite=suites[conf.name],
+                          examples=study.confirm.examples, configuration=conf.name,
+                          objective=study.study.objectives[0].metric)
+            for seed in seeds for conf in running]
 
 
 def confirm_suite(study: StudyFile, configuration: Configuration) -> tuple[Attack, ...] | None:
@@ -220,6 +233,17 @@ def _experiment(configuration: Configuration) -> dict:
     return configuration.arm.experiment.model_dump(mode="json")
 
 
+def confirmation_rows(study: StudyFile, outcomes: list[TrialOutcome]) -> list[dict[str, Any]]:
+    """The rows of finished trials, each under the seed it is paired by: a control that trained on seed +
+    confirm.baseline_seed_offset (an A/A study) stands for seed, its training seed kept as train_seed."""
+    rows = [confirmation_row(o) for o in outcomes]
+    offset = study.confirm.baseline_seed_offset
+    for row in rows:
+        if offset and row["arm"] == study.control_arm:
+            row["train_seed"], row["seed"] = row["seed"], row["seed"] - offset
+    return rows
+
+
 def confirmation_row(outcome: TrialOutcome) -> dict[str, Any]:
     """One (configuration, seed) of a finished round: the one row the rounds' plan and the summary both read."""
     settings, ok = outcome.settings, outcome.ok
@@ -235,31 +259,52 @@ def confirmation_row(outcome: TrialOutcome) -> dict[str, Any]:
             **outcome.test_metrics()}
 
 
-def summarize(study: StudyFile, results: list[dict], configurations: list[Configuration], rounds: int) -> Confirmation:
-    """The per-seed rows (configuration minus baseline, same seed) and each comparison, from the rounds so far."""
+def compared_pairs(study: StudyFile, configurations: list[Configuration]) -> list[tuple[Configuration, Configuration]]:
+    """(configuration, reference) of every comparison, one family: each of an arm's configurations against the
+    best configuration of the arm it is compared with (study.comparisons())."""
+    best: dict[str, Configuration] = {}  # arm -> its best configuration (the one its comparisons use as reference)
+    for conf in configurations:
+        best.setdefault(conf.arm.name, conf)
+    return [(conf, best[reference]) for arm, reference in study.comparisons() if reference in best
+            for conf in configurations if conf.arm.name == arm]
+
+
+def summarize(study: StudyFile, results: list[dict], configurations: list[Configuration], rounds: int,
+              examples: dict[str, Any] | None = None) -> Confirmation:
+    """The per-seed rows (configuration minus the control, same seed) and each comparison, judged look by look
+    from the rounds so far. `examples`: MLflow run id -> its per-example outcomes (sequential.read_examples);
+    without them, the intervals cover the seeds only."""
     rows = [dict(r) for r in results]
     order = {conf.name: i for i, conf in enumerate(configurations)}
     rows.sort(key=lambda r: (order.get(r["configuration"], 99), r["seed"]))
-    baseline = next((conf for conf in configurations if conf.arm.name == "baseline"), None)
-    base = {r["seed"]: r for r in rows if r["configuration"] == "baseline" and r["test_robust_acc"] is not None}
-    for r in rows:
-        if r["configuration"] != "baseline" and r["seed"] in base and r["test_robust_acc"] is not None:
-            r["robust_diff"] = r["test_robust_acc"] - base[r["seed"]]["test_robust_acc"]
-            r["clean_diff"] = r["test_clean_acc"] - base[r["seed"]]["test_clean_acc"]
+    best = {}  # arm -> its best configuration (the one its comparisons use as the reference)
+    for conf in configurations:
+        best.setdefault(conf.arm.name, conf)
+    control = best.get(study.control_arm)
+    by_seed = {c.name: {r["seed"]: r for r in rows if r["configuration"] == c.name and r["test_robust_acc"] is not None}
+               for c in configurations}
+    for r in rows:  # the table's Δ columns: each row against the control on the same seed
+        base = by_seed[control.name].get(r["seed"]) if control is not None else None
+        if r["configuration"] != getattr(control, "name", None) and base and r["test_robust_acc"] is not None:
+            r["robust_diff"] = r["test_robust_acc"] - base["test_robust_acc"]
+            r["clean_diff"] = r["test_clean_acc"] - base["test_clean_acc"]
     suite = study.confirm.attacks or study.experiment.final_suite()
     robust_name = "AutoAttack" if any(a.name == "autoattack" for a in suite) else "worst-case robust"
+    examples, margin = examples or {}, study.confirm.margin / 100
+    outcomes = {c.name: {s: examples.get(r.get("mlflow_run_id")) for s, r in by_seed[c.name].items()}
+                for c in configurations}
+    compared = compared_pairs(study, configurations)  # one family, judged together (Holm over it)
+    pairs = [Pairs({s: r["test_robust_acc"] for s, r in by_seed[conf.name].items()},
+                   {s: r["test_robust_acc"] for s, r in by_seed[ref.name].items()}, outcomes[conf.name],
+                   outcomes[ref.name]) for conf, ref in compared]
+    judged = judge(confirmation_design(study, len(configurations)), study.confirm_seeds(study.confirm.max_seeds),
+                   {r["seed"] for r in rows}, pairs, margin)
     comparisons = []
-    for conf in configurations:
-        if baseline is None or conf is baseline:
-            continue
-        mine = [r for r in rows if r["configuration"] == conf.name and r["test_robust_acc"] is not None]
+    for (conf, ref), (robust, decision) in zip(compared, judged, strict=True):
+        mine, theirs = by_seed[conf.name], by_seed[ref.name]
         failed = {r["seed"]: f"the {r['configuration']} run {r['failure'] or 'did not finish'}" for r in rows
-                  if r["configuration"] in ("baseline", conf.name) and r["test_robust_acc"] is None}
-        comparisons.append(Comparison(
-            conf, baseline,
-            paired_difference({r["seed"]: r["test_robust_acc"] for r in mine},
-                              {s: b["test_robust_acc"] for s, b in base.items()}),
-            paired_difference({r["seed"]: r["test_clean_acc"] for r in mine},
-                              {s: b["test_clean_acc"] for s, b in base.items()}),
-            robust_name, study.confirm.margin / 100, failed))
+                  if r["configuration"] in (ref.name, conf.name) and r["test_robust_acc"] is None}
+        clean = paired_difference({s: r["test_clean_acc"] for s, r in mine.items() if s in robust.seeds},
+                                  {s: r["test_clean_acc"] for s, r in theirs.items()})  # over the decision's seeds
+        comparisons.append(Comparison(conf, ref, robust, clean, robust_name, margin, failed, decision))
     return Confirmation(rows, comparisons, configurations, sorted({r["seed"] for r in rows}), rounds)

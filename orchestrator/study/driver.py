@@ -40,7 +40,7 @@ from orchestrator.execution.phases import (
     warmup_checkpoints,
 )
 from orchestrator.execution.ray_session import trial_resources
-from orchestrator.execution.search import arm_sampler
+from orchestrator.execution.search import arm_sampler, trial_label
 from orchestrator.execution.trial_settings import Record, Role, TrialSettings
 from orchestrator.record import tags
 from orchestrator.record.tracking import Tracker, config_hash, flatten, git_commit
@@ -85,7 +85,7 @@ def run_study(study: StudyFile, name: str, resume: bool = False, keep_gpu: bool 
     record = Record(study.tracking.uri, study.tracking.experiment, parent, name)
     s = study.study
     resources = trial_resources(s.resources.cpu, s.resources.gpu, keep_gpu)
-    arms = study.arms()
+    arms = study.arm_list()
     log.info("study %s: %s; %d at a time, objectives %s; MLflow parent run %s", name,
              " and ".join(a.describe() for a in arms), s.concurrency,
              ", ".join(f"{o.metric} ({o.mode})" for o in s.objectives), parent)
@@ -114,7 +114,7 @@ def search_warmup(study: StudyFile, record: Record, path: str,
         return None
     experiment = study.experiment
     trial = warmup.warmup_trial(experiment, lengths, record, "warmup")
-    grid = run_warmups([trial], path, "warmup", resources, study.study.max_failures)
+    grid = run_warmups([trial], path, "warmup", resources, study.study.max_failures, widen=not study.study.reproducible)
     checkpoints = warmup_checkpoints(grid).get("warmup")
     if not checkpoints:
         raise RuntimeError(f"the shared warm-up failed ({grid[0].error}); see {path}/warmup")
@@ -123,19 +123,29 @@ def search_warmup(study: StudyFile, record: Record, path: str,
 
 def search(study: StudyFile, record: Record, path: str, resources: dict[str, float],
            forks: tuple[str, dict[int, str]] | None) -> None:
-    """The search phase: every arm's trials in one Tune experiment (an untuned baseline is one fixed trial of
-    it), each forking from the shared warm-up when it shares its trajectory."""
-    samplers = []
-    for arm in study.arms():
-        shares = forks is not None and forks[0] == warmup.trajectory_key(arm.experiment)
-        template = TrialSettings(role=Role.SEARCH if arm.tuned else Role.BASELINE, label=arm.name,
-                                 experiment=arm.experiment.model_dump(mode="json"), record=record, arm=arm.name,
-                                 forks=forks[1] if shares else {}, objective=study.study.objectives[0].metric)
-        samplers.append(arm_sampler(study, arm, template))
+    """The search phase: every replicate's arms in one Tune experiment (an untuned baseline is one fixed trial
+    of each), each trial forking from the shared warm-up when it shares its trajectory."""
+    searches = []
+    for replicate in replicates(study):
+        samplers = []
+        for arm in study.arms(replicate):
+            shares = forks is not None and forks[0] == warmup.trajectory_key(arm.experiment)
+            template = TrialSettings(role=Role.SEARCH if arm.tuned else Role.BASELINE,
+                                     label=trial_label(arm.name, None, replicate), replicate=replicate,
+                                     experiment=arm.experiment.model_dump(mode="json"), record=record, arm=arm.name,
+                                     forks=forks[1] if shares else {}, objective=study.study.objectives[0].metric)
+            samplers.append(arm_sampler(study, arm, template))
+        searches.append(samplers)
     objectives = [o.metric for o in study.study.objectives]
-    progress = TrialLog(record.tracking_uri, record.mlflow_experiment, objectives, sum(a.trials for a in study.arms()),
-                        "search")
-    run_search(study, samplers, path, resources, callbacks=[progress])
+    total = sum(s.trials for samplers in searches for s in samplers)
+    run_search(study, searches, path, resources, callbacks=[TrialLog(
+        record.tracking_uri, record.mlflow_experiment, objectives, total, "search")])
+
+
+def replicates(study: StudyFile) -> list[int | None]:
+    """The searches' replicate numbers: [None] for a study of one search (its labels carry no replicate)."""
+    count = study.study.replicates
+    return list(range(1, count + 1)) if count > 1 else [None]
 
 
 def close_orphans(tracker: Tracker, parent: str, path: str) -> int:
@@ -154,7 +164,10 @@ def close_orphans(tracker: Tracker, parent: str, path: str) -> int:
 
 def study_hash(study: StudyFile) -> str:
     """Hash of what defines the study's results (not where they are stored), to refuse a changed resume."""
-    return config_hash(study.model_dump(mode="json", include={"study", "experiment", "search_space", "baseline"}))
+    shape = {"study", "experiment", "search_space", "baseline"}
+    if study.arms is not None:  # a two-arm study's hash stays what it was, so its --resume still matches
+        shape |= {"arms", "control", "compare"}
+    return config_hash(study.model_dump(mode="json", include=shape))
 
 
 def _parent_run(tracker: Tracker, study: StudyFile, name: str, resume: bool, launch: dict) -> str:

@@ -44,6 +44,7 @@ class StudyOutcome:
     compute: pa.Table | None = None
     rungs: pa.Table | None = None
     cost_ratio: float = math.nan  # the method's seconds per regularized epoch / the baseline's per epoch
+    cost_ratios: dict[str, float] = field(default_factory=dict)  # each arm's seconds per epoch / the control's
     histories: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
@@ -84,7 +85,7 @@ def param_importances(rows: list[dict], study: StudyFile, objectives: list[tuple
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    arm = study.arms()[-1]
+    arm = study.arm_list()[-1]
     complete = [r for r in rows if r["arm"] == arm.name and r["status"] == Status.COMPLETE
                 and all(finite(r.get(m)) for m, _ in objectives)]
     empty = IMPORTANCE_SCHEMA.empty_table()

@@ -30,7 +30,7 @@ def collect(study: StudyFile, name: str, path: str, tracker: Tracker, parent: st
     children = {run.data.tags.get(tags.TRIAL_ID): run for run in tracker.children(parent)}
     objectives = [(o.metric, o.mode) for o in study.study.objectives]
     trials, frames = phase_trials(path, "search")
-    order = {arm.name: i for i, arm in enumerate(study.arms())}
+    order = {arm.name: i for i, arm in enumerate(study.arm_list())}
     trials = sorted(trials, key=lambda t: (order.get(TrialSettings.of(t.config).arm, 9),
                                            TrialSettings.of(t.config).number or 0))
     rows, spans, histories = [], [], {}
@@ -45,11 +45,13 @@ def collect(study: StudyFile, name: str, path: str, tracker: Tracker, parent: st
     warmup_epochs = max(warmup.search_warmup_lengths(study)) if exists(path, "warmup") else 0
     trained, unshared = warmup.epochs_saved(spans, warmup_epochs)
     pareto = arm_fronts(rows, objectives)
-    outcome = StudyOutcome(name, parent, path, rows, pareto, tracker.ui_command(), objectives, study.arms(),
+    outcome = StudyOutcome(name, parent, path, rows, pareto, tracker.ui_command(), objectives, study.arm_list(),
                            epochs_trained=trained, epochs_unshared=unshared, histories=histories)
     outcome.compute = compute_table(rows, *objectives[0])
     outcome.rungs = rung_table(rows, histories, rungs(study), objectives[0][0])
-    outcome.cost_ratio = cost_ratio(rows)
+    outcome.cost_ratios = cost_ratios(rows, study)
+    outcome.cost_ratio = outcome.cost_ratios.get(study.arm_list()[-1].name, math.nan) if len(outcome.arms) == 2 else (
+        math.nan)
     return outcome
 
 
@@ -83,10 +85,17 @@ def history_summary(history, metric: str, mode: str) -> dict[str, Any]:
             "base_epoch_seconds": float(seconds[~regularized].median()) if (~regularized).any() else None}
 
 
-def cost_ratio(rows: list[dict]) -> float:
-    """The method's median seconds per regularized epoch over the baseline arm's median seconds per epoch."""
-    regularized = [r["regularized_epoch_seconds"] for r in rows if finite(r.get("regularized_epoch_seconds"))]
-    base = [r["base_epoch_seconds"] for r in rows if r["arm"] == "baseline" and finite(r.get("base_epoch_seconds"))]
-    if not regularized or not base:
-        return math.nan
-    return statistics.median(regularized) / statistics.median(base)
+def cost_ratios(rows: list[dict], study: StudyFile) -> dict[str, float]:
+    """Each arm's median seconds per epoch over the control arm's (PGD-AT in a shootout, the baseline of a two-arm
+    study): what one epoch of each method costs, on the same machine and recipe. An SNS arm is timed on its
+    regularized epochs (its warm-up epochs are its base's); {} without a control arm."""
+    control = study.control_arm
+    base = [r["base_epoch_seconds"] for r in rows if r["arm"] == control and finite(r.get("base_epoch_seconds"))]
+    if not base:
+        return {}
+    out = {}
+    for arm in study.arm_list():
+        key = "regularized_epoch_seconds" if arm.method == "sns" else "base_epoch_seconds"
+        seconds = [r[key] for r in rows if r["arm"] == arm.name and finite(r.get(key))]
+        out[arm.name] = statistics.median(seconds) / statistics.median(base) if seconds else math.nan
+    return out

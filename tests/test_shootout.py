@@ -1,0 +1,99 @@
+"""Several arms in one study: each arm searches the recipe plus the knobs its method reads, every arm is compared
+with the control (and each SNS arm with its own base), and the two-arm study files mean what they meant."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config.loader import ConfigError
+from orchestrator.config.study import load_study, reads_path
+from orchestrator.study.confirmation import Configuration, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+SHOOTOUT = REPO / "configs" / "study" / "shootout_quick.yaml"
+
+
+def test_each_arm_searches_the_recipe_and_only_the_knobs_its_method_reads():
+    study = load_study(SHOOTOUT)
+    spaces = {arm.name: set(arm.space) for arm in study.arm_list()}
+    recipe = {"train.lr", "train.eps_ramp_epochs", "train.weight_decay"}
+    assert spaces == {"pgd_at": recipe, "trades": recipe | {"trades.beta"},
+                      "sns_pgd_at": recipe | {"sns.lam", "sns.fraction", "sns.warmup_share"},
+                      "sns_trades": recipe | {"trades.beta", "sns.lam", "sns.fraction", "sns.warmup_share"},
+                      "mart": recipe | {"mart.beta"}, "cas": recipe | {"cas.beta"}}
+    assert {arm.trials for arm in study.arm_list()} == {8}  # the same budget for every arm
+    methods = {arm.name: (arm.method, arm.experiment.sns.base, arm.title) for arm in study.arm_list()}
+    assert methods["sns_trades"] == ("sns", "trades", "SNS on TRADES")
+    assert methods["sns_pgd_at"] == ("sns", "pgd_at", "SNS on PGD-AT") and methods["cas"][0] == "cas"
+    assert study.control_arm == "pgd_at" and study.baseline is None
+
+
+def test_every_arm_meets_the_control_and_each_sns_arm_its_own_base():
+    study = load_study(SHOOTOUT)
+    assert study.comparisons() == [("trades", "pgd_at"), ("sns_pgd_at", "pgd_at"), ("sns_trades", "pgd_at"),
+                                   ("mart", "pgd_at"), ("cas", "pgd_at"), ("sns_trades", "trades")]
+    every_pair = load_study(SHOOTOUT, {"compare": "all"}).comparisons()
+    assert len(every_pair) == 15 and len({frozenset(p) for p in every_pair}) == 15  # 6 choose 2, each once
+    lines = study.design_lines()
+    assert "Holm over 6 comparisons" in lines[-1] and "sns_trades vs trades" in lines[-1]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "study" / "*.yaml"))))
+def test_every_study_config_still_loads_and_two_arm_files_mean_what_they_meant(path):
+    study = load_study(path)
+    if study.arms is None:  # baseline + the method: compared the way they always were
+        arms = study.arm_list()
+        assert [a.name for a in arms] == ["baseline", study.experiment.method]
+        assert study.comparisons() == [(study.experiment.method, "baseline")]
+        assert not any(p.startswith("sns.") for p in arms[0].space)
+        assert set(arms[1].space) == set(study.search_space)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"control": "pgdat"}, "control: 'pgdat' is not an arm (arms: pgd_at, trades, sns_pgd_at, sns_trades, mart, "
+                           "cas); did you mean 'pgd_at'?"),
+    ({"arms": [{"name": "pgd_at", "method": "pgd_at", "base": "trades"}, {"name": "sns", "method": "sns"}]},
+     "arms.0.base: only an sns arm has a base"),
+    ({"baseline.method": "pgd_at"}, "not both; move the baseline into `arms:`"),
+    ({"arms": [{"name": "a", "method": "pgd_at"}, {"name": "a", "method": "sns"}]}, "each name may appear once"),
+    ({"arms": [{"name": "pgd_at", "method": "pgd_at"}, {"name": "mart", "method": "mart"}]},
+     "search_space.trades.beta: no arm's method reads it"),
+])
+def test_a_wrong_shootout_is_one_line_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_study(SHOOTOUT, overrides)
+    text = str(caught.value)
+    assert message in text and "\n" not in text
+
+
+def test_control_without_arms_says_where_it_belongs():
+    with pytest.raises(ConfigError, match="control and compare: only with an `arms:` list"):
+        load_study(REPO / "configs" / "study" / "quick.yaml", {"control": "baseline"})
+
+
+def test_a_path_belongs_to_the_methods_that_read_its_block():
+    study = load_study(SHOOTOUT)
+    by_name = {arm.name: arm.experiment for arm in study.arm_list()}
+    assert reads_path(by_name["cas"], "cas.beta") and not reads_path(by_name["mart"], "cas.beta")
+    assert reads_path(by_name["sns_trades"], "trades.beta") and not reads_path(by_name["sns_pgd_at"], "trades.beta")
+    assert all(reads_path(e, "train.lr") for e in by_name.values())
+
+
+def test_the_confirmation_pairs_each_arm_with_its_reference_seed_by_seed():
+    study = load_study(SHOOTOUT)
+    arms = {arm.name: arm for arm in study.arm_list()}
+    configurations = [Configuration(name, arms[name], {}, f"{name}-01") for name in arms]
+    robust = {"pgd_at": 0.80, "trades": 0.78, "sns_pgd_at": 0.82, "sns_trades": 0.81, "mart": 0.79, "cas": 0.70}
+    rows = [{"configuration": name, "arm": name, "seed": seed, "label": f"{name} s{seed}", "status": "COMPLETE",
+             "failure": None, "test_clean_acc": 0.95, "test_robust_acc": value + 0.01 * seed}
+            for name, value in robust.items() for seed in (1, 2, 3)]
+    confirmation = summarize(study, rows, configurations, 1)
+    pairs = {(c.configuration.name, c.baseline.name): c for c in confirmation.comparisons}
+    assert list(pairs) == study.comparisons()
+    assert pairs["sns_trades", "trades"].robust.differences == pytest.approx((0.03, 0.03, 0.03))
+    assert pairs["cas", "pgd_at"].robust.differences == pytest.approx((-0.10, -0.10, -0.10))
+    deltas = {(r["configuration"], r["seed"]): r.get("robust_diff") for r in confirmation.rows}
+    assert deltas["mart", 2] == pytest.approx(-0.01) and deltas["pgd_at", 1] is None  # Δ against the control
