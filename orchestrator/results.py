@@ -112,23 +112,46 @@ def mean_std(mean: Any, std: Any, scale: float = 100.0, digits: int = 1) -> str:
 
 
 def verdict_sentence(what: str, name: str, baseline: str, robust: PairedDifference, clean: PairedDifference | None,
-                     *, robust_name: str, margin: float, left_out: Mapping[int, str] | None = None) -> str:
+                     *, robust_name: str, margin: float, left_out: Mapping[int, str] | None = None,
+                     decision: Decision | None = None, sources: bool = False) -> str:
     """One line a reviewer reads: what was compared, the paired robust difference with its spread, interval and
     bootstrap probability, the clean cost, and the decision in words, whichever way it goes. e.g.
 
     'SNS, tuned over 8 trials, vs PGD-AT, tuned over 8 trials: +1.9 ± 0.4 worst-case robust points (5/5 seeds,
-    95% CI +0.8 to +3.0, P(SNS better) 0.99), -1.5 clean: SNS beats PGD-AT after 5 seeds'."""
+    95% CI +0.8 to +3.0, P(SNS better) 0.99), -1.5 clean: SNS beats PGD-AT after 5 seeds'.
+
+    `decision`: the one a sequential confirmation took (default: decide() at these seeds); `sources`: say how wide
+    the seeds and the test examples each make the interval ('seeds ±0.9, test examples ±0.6'), or that the
+    test examples were not recorded (docs/studies.md, "How sure a verdict is")."""
     missing = "".join(f"; seed {seed} left out: {why}" for seed, why in sorted((left_out or {}).items()))
     if robust.n == 0:
         return f"{what}: no seed finished for both; no verdict{missing}"
     low, high = robust.ci95
-    interval = f", 95% CI {points(low)} to {points(high)}" if finite(low) else ""
+    interval = f", 95% CI {points(low)} to {points(high)}{interval_notes(robust, sources)}" if finite(low) else ""
     spread = f" ± {points(robust.std, sign=False)}" if finite(robust.std) else ""
     improve = probability_of_improvement(robust)
     clean_part = f", {points(clean.mean)} clean" if clean is not None and clean.n else ""
     return (f"{what}: {points(robust.mean)}{spread} {robust_name} points ({robust.wins}/{robust.n} seeds{interval}, "
-            f"P({name} better) {improve:.2f}){clean_part}: {decision_words(robust, margin, name, baseline)}"
+            f"P({name} better) {improve:.2f}){clean_part}: {decision_words(robust, margin, name, baseline, decision)}"
             f"{missing}")
+
+
+def interval_notes(robust: PairedDifference, sources: bool) -> str:
+    """' at look 2 of 4, Holm over 3 comparisons: seeds ±0.9, test examples ±0.6': what the interval is adjusted
+    for and, with `sources`, how wide each source of variation makes it."""
+    design, notes = robust.design, []
+    if design is not None and design.sequential:
+        look = robust.look if robust.look is not None else design.look_of(robust.n)
+        notes.append(f" at look {look + 1} of {len(design.looks)}")
+    if robust.family > 1:
+        notes.append(f" Holm over {robust.family} comparisons")
+    text = ",".join(notes)
+    if sources:
+        widths = robust.half_widths()
+        examples = (f"test examples ±{points(widths['test examples'], sign=False)}" if "test examples" in widths
+                    else "test examples not recorded (the interval covers the seeds only)")
+        text += f": seeds ±{points(widths['seeds'], sign=False)}, {examples}"
+    return text
 
 
 def count(n: int, noun: str) -> str:
@@ -136,8 +159,10 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def decision_words(robust: PairedDifference, margin: float, name: str, baseline: str) -> str:
-    decision, n, m = decide(robust, margin), count(robust.n, "seed"), points(margin, sign=False)
+def decision_words(robust: PairedDifference, margin: float, name: str, baseline: str,
+                   decision: Decision | None = None) -> str:
+    decision = decision or decide(robust, margin)
+    n, m = count(robust.n, "seed"), points(margin, sign=False)
     if decision == Decision.BEATS:
         small = f", by less than the ±{m}-point margin" if robust.ci95[1] < margin else ""
         return f"{name} beats {baseline} after {n}{small}"
@@ -148,11 +173,13 @@ def decision_words(robust: PairedDifference, margin: float, name: str, baseline:
     if robust.n < 2:
         return f"undecided after {n} (one seed has no interval)"
     needed = seeds_needed(robust)
-    if needed is None:
-        more = "an effect this small cannot be told from 0 with any practical number of seeds"
-    else:
-        more = f"an effect of this size and spread needs about {needed} seeds to exclude 0"
-    return f"undecided after {n} (the interval includes 0 and reaches beyond ±{m} points; {more})"
+    if needed is not None:
+        return f"undecided after {n}; about {needed - robust.n} more would decide an effect of this size"
+    floor = robust.half_widths().get("test examples", 0.0)  # the interval's width from the test examples alone
+    if finite(floor) and floor >= abs(robust.mean):
+        return (f"undecided after {n}; the test split's own variation (±{points(floor, sign=False)}) is as large as "
+                "the effect: no number of seeds would decide it, a larger test split could")
+    return f"undecided after {n}; an effect this small cannot be told from 0 with any practical number of seeds"
 
 
 # ---- the Pareto front ------------------------------------------------------------------------------------
