@@ -69,7 +69,7 @@ def test_resume_with_nothing_to_resume_is_one_line_in_the_dry_run(tmp_path, caps
             "--dry-run"]
     assert exit_code(study.main, argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no study 'never-ran' to resume at") and len(err.splitlines()) == 1
+    assert err.startswith("error: --resume: no study 'never-ran' in --storage") and len(err.splitlines()) == 1
 
 
 def test_the_dry_run_builds_a_torchvision_model_and_says_which_layers_it_proposes(tmp_path, capsys):
