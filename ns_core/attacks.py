@@ -204,7 +204,7 @@ def _noise(kind: str, x: Tensor, generator: torch.Generator | None) -> Tensor:
     return draw(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def _start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+def start_point(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
     """A uniform point of the Linf eps-ball, or (L2) a Gaussian direction with a radius uniform in [0, eps]
     (as torchattacks PGDL2); clipped to [0, 1]."""
     if norm == "linf":
@@ -307,7 +307,7 @@ def pgd(
     x = x.detach()
 
     def run() -> Tensor:
-        start = _start(x, eps, norm, generator) if random_start else x.clone()
+        start = start_point(x, eps, norm, generator) if random_start else x.clone()
         return projected_ascent(model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn)
 
     with eval_mode(model), frozen_parameters(model):
@@ -396,7 +396,7 @@ def feature_pgd(
 
         runs = []
         for _ in range(restarts):
-            start = _start(x, eps, norm, generator)
+            start = start_point(x, eps, norm, generator)
             for loss_fn in (feature_loss, ce_loss):
                 runs.append(lambda start=start, loss_fn=loss_fn: projected_ascent(
                     model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn))
