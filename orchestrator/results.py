@@ -118,7 +118,7 @@ def verdict_sentence(what: str, name: str, baseline: str, robust: PairedDifferen
     bootstrap probability, the clean cost, and the decision in words, whichever way it goes. e.g.
 
     'SNS, tuned over 8 trials, vs PGD-AT, tuned over 8 trials: +1.9 ± 0.4 worst-case robust points (5/5 seeds,
-    95% CI +0.8 to +3.0, P(SNS better) 0.99), -1.5 clean: SNS beats PGD-AT after 5 seeds'.
+    95% CI +0.8 to +3.0, P(SNS better) 0.99; ± = sd over seeds), -1.5 clean: SNS beats PGD-AT after 5 seeds'.
 
     `decision`: the one a sequential confirmation took (default: decide() at these seeds); `sources`: say how wide
     the seeds and the test examples each make the interval ('seeds ±0.9, test examples ±0.6'), or that the
@@ -132,8 +132,8 @@ def verdict_sentence(what: str, name: str, baseline: str, robust: PairedDifferen
     improve = probability_of_improvement(robust)
     clean_part = f", {points(clean.mean)} clean" if clean is not None and clean.n else ""
     return (f"{what}: {points(robust.mean)}{spread} {robust_name} points ({robust.wins}/{robust.n} seeds{interval}, "
-            f"P({name} better) {improve:.2f}){clean_part}: {decision_words(robust, margin, name, baseline, decision)}"
-            f"{missing}")
+            f"P({name} better) {improve:.2f}{'; ± = sd over seeds' if spread else ''}){clean_part}: "
+            f"{decision_words(robust, margin, name, baseline, decision)}{missing}")
 
 
 def interval_notes(robust: PairedDifference, sources: bool) -> str:

@@ -42,7 +42,7 @@ from ns_core.utils import make_generator, seed_everything
 from orchestrator.config.experiment import ExperimentConfig
 from orchestrator.record import tags
 from orchestrator.record.figures import sensitivity_figure
-from orchestrator.record.tracking import Tracker
+from orchestrator.record.tracking import Tracker, sibling_params
 
 log = logging.getLogger(__name__)
 EXAMPLES_ARTIFACT = "confirm/examples.parquet"  # configuration, seed, example, clean_correct, robust_correct, broken_by
@@ -223,8 +223,9 @@ def run_experiment(config: ExperimentConfig, tracker: Tracker, run_id: str, *, s
     """Build, resume from `state`, train to `until` (default: every epoch), evaluate on test (when
     `evaluate`), and record it all in `run_id`. Raises what training raises, after recording it.
 
-    `params`: the MLflow params of the run (a study's trials: what differs between them; the constants are on
-    the parent); None: every resolved setting. The resolved settings always go to config/resolved.yaml.
+    `params`: what tells the run apart from its siblings (a study's trials: its arm, searched values and seed;
+    the constants are on the parent), logged under compare-view names (record/tracking.py sibling_params: the
+    recipe first); None: every resolved setting. The resolved settings always go to config/resolved.yaml.
     `objective`: a metric also logged as objective/<name> every epoch (a study's primary objective).
     `per_example`: the columns that name this run in its per-example table ({"configuration": "sns", "seed": 2}),
     logged as EXAMPLES_ARTIFACT after the final evaluation (a confirmation's); None: no table."""
@@ -234,7 +235,7 @@ def run_experiment(config: ExperimentConfig, tracker: Tracker, run_id: str, *, s
         if state is not None:
             trainer.load_state_dict(state)
         resolved = resolved_params(config, trainer)
-        tracker.log_params(run_id, resolved if params is None else params)
+        tracker.log_params(run_id, resolved if params is None else sibling_params(params))
         tracker.log_text(run_id, yaml.safe_dump(resolved, sort_keys=False), "config/resolved.yaml")
         logged = tracker.last_step(run_id)
         for metrics in trainer.history:  # epochs a fork or a resume carries, not yet in this run's record

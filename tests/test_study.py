@@ -73,7 +73,7 @@ def test_both_arms_get_the_same_trials_and_the_baseline_arm_never_samples_sns_pa
         overrides = json.loads(run.data.tags[tags.OVERRIDES])
         if run.data.tags[tags.ARM] == "baseline":
             assert not any(p.startswith("sns.") for p in [*overrides, *run.data.params]) and run.data.params[
-                "train.lr"] in ("0.05", "1e+06")
+                "recipe.lr"] in ("0.05", "1e+06")  # the shared recipe first in the compare view, under recipe.
         assert run.info.run_name == run.data.tags[tags.LABEL] and run.data.params["arm"] == run.data.tags[tags.ARM]
 
 
@@ -109,7 +109,7 @@ def test_trial_runs_hold_every_epoch_once_and_only_what_tells_them_apart(study_r
             assert sorted(m.step for m in history) == [1, 2], metric  # every epoch once, forked epochs included
         assert "epoch" not in run.data.metrics  # the step is the epoch; a shared `epoch` metric crowds the UI
         assert not any(k.startswith("test/") for k in run.data.metrics)  # the search never reads the test split
-        assert set(run.data.params) <= {"arm", *study.search_space}  # the constants are on the parent
+        assert set(run.data.params) <= {"arm", "recipe.lr", "sns.lam", "sns.fraction"}  # the constants: on the parent
         resolved = yaml.safe_load(read_text(tracker, run.info.run_id, "config/resolved.yaml"))
         assert resolved["model"] == "lenet5" and resolved["data.train_size"] == 256  # what it used, in full
         assert run.data.tags["nslab.checkpoint_dir"].startswith(study.storage.ray)  # not Ray's temp session dir
@@ -147,8 +147,11 @@ def test_the_parent_run_carries_the_answer_tables_plots_and_summary(study_run):
     rungs = tracker.read_table(parent.info.run_id, "study/rung_correlation.parquet")
     assert rungs.schema.equals(RUNG_SCHEMA) and rungs.column("rung_epoch").to_pylist() == [1, 1]
     summary = parent.data.metrics
-    assert {"summary/baseline_best_val_robust_acc", "summary/sns_best_val_robust_acc", "summary/study_seconds",
-            "summary/sns_confirmed_robust_diff", "summary/sns_confirmation_seeds"} <= set(summary)
+    assert {"summary/baseline_best_val_robust_acc_pct", "summary/sns_best_val_robust_acc_pct", "summary/study_seconds",
+            "confirmed/sns_robust_diff_points", "confirmed/sns_seeds"} <= set(summary)  # units in the names
+    assert summary["confirmed/sns_robust_diff_points"] == 0.0
+    best = max(r["val/robust_acc"] for r in outcome.rows if r["arm"] == "sns" and r["status"] == Status.COMPLETE)
+    assert summary["summary/sns_best_val_robust_acc_pct"] == pytest.approx(100 * best, abs=1e-3)  # percent
 
 
 def test_the_confirmation_pairs_seeds_and_finds_identical_training_equivalent(study_run):
@@ -168,7 +171,7 @@ def test_the_confirmation_pairs_seeds_and_finds_identical_training_equivalent(st
         assert run.info.status == "FINISHED" and run.data.tags[tags.ROLE] == "confirm"
         assert run.info.run_name == f"confirm-{row['configuration']}-s{row['seed']}"
         assert row["test_robust_acc"] == pytest.approx(run.data.metrics["test/robust_acc"])
-        assert run.data.params["train.seed"] == str(row["seed"])
+        assert run.data.params["seed"] == str(row["seed"])
         evaluation = tracker.read_table(run.info.run_id, "eval/robust_accuracy.parquet")
         assert evaluation.schema.equals(EVAL_SCHEMA) and evaluation.column("attack").to_pylist() == [
             "clean", "fgsm", "pgd", "worst_case"]

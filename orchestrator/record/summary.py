@@ -1,8 +1,14 @@
 """A finished study in words: the Markdown report the MLflow UI renders on the parent run (its description and
-study/report.md), the summary metrics it shows beside it, and the console text of the pipeline.
+study/report.md), the summary metrics and the short verdict it shows in the runs table, and the console text of
+the pipeline.
 
     text = study_markdown(study, outcome)        # the verdict first, then the tables a reviewer checks
-    metrics = summary_metrics(study, outcome)    # {"summary/sns_best_val_robust_acc": 0.836, ...}
+    metrics = summary_metrics(study, outcome)    # {"confirmed/sns_robust_diff_points": 2.1, ...}
+    short_verdict(outcome)                       # "SNS beats PGD-AT, +2.1 points (3 seeds)": the nslab.verdict tag
+    parent_run_name(study, outcome)              # "quick: SNS beats PGD-AT": the parent run's name once finished
+
+One unit per quantity, named where it is a number: accuracies in percent (`_pct`), their differences in
+percentage points (`_points`); "±" is the standard deviation over seeds wherever it is printed.
 """
 
 from __future__ import annotations
@@ -11,31 +17,84 @@ from typing import Any
 
 from orchestrator.config.study import StudyFile
 from orchestrator.results import Status, finite, fmt, pct, points
+from orchestrator.study.decision import Decision, probability_of_improvement
 
 
 def summary_metrics(study: StudyFile, outcome) -> dict[str, float]:
-    """Per arm its best completed validation objectives, the compute ratio, the epochs saved, and the confirmed
-    paired differences with their interval (names under `summary/` sort together in the UI)."""
+    """The parent run's metrics: the confirmed paired differences in points with their interval, seed count and
+    bootstrap probability (`confirmed/<configuration>_*`: they sort before every trial's `objective/` in the
+    runs table, so the answer is in its first metric columns), then per arm its best completed validation
+    objectives in percent and its completed trials, the compute ratio, seconds and epochs (`summary/*`)."""
     out: dict[str, float] = {}
+    comparisons = outcome.confirmation.comparisons if outcome.confirmation else []
+    for comparison in comparisons:
+        name, robust = comparison.configuration.name, comparison.robust
+        if sum(c.configuration.name == name for c in comparisons) > 1:  # an arm judged against two others
+            name = f"{name}_vs_{comparison.baseline.name}"
+        low, high = robust.ci95
+        out.update({f"confirmed/{name}_robust_diff_points": 100 * robust.mean,
+                    f"confirmed/{name}_ci95_low_points": 100 * low, f"confirmed/{name}_ci95_high_points": 100 * high,
+                    f"confirmed/{name}_clean_diff_points": 100 * comparison.clean.mean,
+                    f"confirmed/{name}_seeds": robust.n,
+                    f"confirmed/{name}_p_better": probability_of_improvement(robust) if robust.n else None})
     for arm in outcome.arms:
         done = [r for r in outcome.rows if r["arm"] == arm.name and r["status"] == Status.COMPLETE]
         out[f"summary/{arm.name}_completed_trials"] = len(done)
         for metric, mode in outcome.objectives:
             values = [r[metric] for r in done if finite(r.get(metric))]
             if values:
-                out[f"summary/{arm.name}_best_{metric.replace('/', '_')}"] = max(values) if mode == "max" \
-                    else min(values)
-    for comparison in outcome.confirmation.comparisons if outcome.confirmation else []:
-        name = comparison.configuration.name
-        low, high = comparison.robust.ci95
-        out.update({f"summary/{name}_confirmed_robust_diff": comparison.robust.mean,
-                    f"summary/{name}_confirmed_ci95_low": low, f"summary/{name}_confirmed_ci95_high": high,
-                    f"summary/{name}_confirmed_clean_diff": comparison.clean.mean,
-                    f"summary/{name}_confirmation_seeds": comparison.robust.n})
+                best = max(values) if mode == "max" else min(values)
+                out[f"summary/{arm.name}_best_{metric.replace('/', '_')}_{_unit(metric)}"] = _scaled(metric, best)
     out.update({"summary/method_cost_per_epoch": outcome.cost_ratio, "summary/study_seconds": outcome.seconds,
                 "summary/epochs_trained": outcome.epochs_trained,
                 "summary/epochs_without_sharing": outcome.epochs_unshared})
     return {k: round(float(v), 4) for k, v in out.items() if finite(v)}  # what the numbers can carry
+
+
+def _unit(metric: str) -> str:
+    """An accuracy is logged in percent; the sensitivities as measured."""
+    return "pct" if metric.endswith("_acc") else "value"
+
+
+def _scaled(metric: str, value: float) -> float:
+    return 100 * value if metric.endswith("_acc") else value
+
+
+def short_verdict(outcome) -> str:
+    """The study's answer in a runs-table cell (the parent's nslab.verdict tag), one clause per comparison:
+    'SNS beats PGD-AT, +2.1 points (3 seeds)', 'SNS vs PGD-AT undecided, +1.2 points (6 seeds)'; the
+    sentence with the interval is the run's description and study/verdict.txt."""
+    return _answer(outcome, numbers=True)
+
+
+def parent_run_name(study: StudyFile, outcome) -> str:
+    """The finished study's run name, short enough for the runs table's first column: the study's config name
+    and its answer without the numbers ('quick: SNS beats PGD-AT'); the dated study name stays in the
+    nslab.study tag and the Ray results folder."""
+    return f"{study.study.name}: {_answer(outcome, numbers=False)}"
+
+
+def _answer(outcome, numbers: bool) -> str:
+    confirmation = outcome.confirmation
+    if confirmation is None:
+        return "search only (no confirmation)"
+    if not confirmation.comparisons:
+        return "no comparison (no baseline)"
+    return "; ".join(_clause(c, numbers) for c in confirmation.comparisons)
+
+
+def _clause(comparison, numbers: bool) -> str:
+    name, baseline = comparison.configuration.arm.title, comparison.baseline.arm.title
+    if comparison.configuration.name != comparison.configuration.arm.name:
+        name += f" ({comparison.configuration.name})"
+    robust = comparison.robust
+    if robust.n == 0:
+        return f"{name} vs {baseline}: no seed finished for both"
+    words = {Decision.BEATS: f"{name} beats {baseline}", Decision.LOSES: f"{name} loses to {baseline}",
+             Decision.EQUIVALENT: f"{name} equivalent to {baseline}"}.get(comparison.decision,
+                                                                         f"{name} vs {baseline} undecided")
+    return f"{words}, {points(robust.mean)} points ({robust.n} seed{'' if robust.n == 1 else 's'})" if numbers \
+        else words
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -53,6 +112,10 @@ def study_markdown(study: StudyFile, outcome) -> str:
              f"{e.method} vs {study.baseline_method() or '(no baseline)'} on {e.dataset} / {e.model}, "
              f"{e.attack.norm} eps {e.attack.eps:g}; " + "; ".join(a.describe() for a in outcome.arms) + "; "
              "verdict on the test split, paired by seed (above).", ""]
+    if verdicts:
+        lines += ["Accuracies in percent, differences (Δ) in percentage points; ± is the standard deviation of the "
+                  "per-seed differences over seeds; the 95% CI is that of their mean; P(better) the share of "
+                  "paired-bootstrap resamples of the seeds whose mean difference is above 0.", ""]
     if confirmation is not None:
         lines += ["## Confirmation", ""]
         lines += _table(["configuration", "seed", "clean %", "robust %", "Δ robust", "Δ clean", "status"], [
@@ -64,12 +127,8 @@ def study_markdown(study: StudyFile, outcome) -> str:
         lines += [f"- **{c.name}** ({c.arm.describe()}): {c.describe()}" for c in confirmation.configurations]
     metric = outcome.objectives[0][0]
     lines += ["", "## Search (validation split)", ""]
-    params = list(study.search_space)
-    lines += _table(["trial", "status", *[p.removeprefix("sns.").removeprefix("train.") for p in params],
-                     *[m.removeprefix("val/") for m, _ in outcome.objectives], "epochs", "train s"], [
-        [r["label"], r["status"], *[fmt(r.get(f"param.{p}"), 3) for p in params],
-         *[pct(r.get(m)) for m, _ in outcome.objectives], r.get("epochs"), fmt(r.get("train_seconds"), 3)]
-        for r in outcome.rows])
+    for arm in outcome.arms:
+        lines += search_table(arm, [r for r in outcome.rows if r["arm"] == arm.name], outcome.objectives)
     ratio = outcome.cost_ratio
     lines += ["", f"Training compute: {e.method} costs {fmt(ratio, 3)}x its base per regularized epoch; "
               f"{outcome.epochs_trained} epochs trained ({outcome.epochs_unshared} without shared warm-ups). "
@@ -84,6 +143,28 @@ def study_markdown(study: StudyFile, outcome) -> str:
     if importances is not None and not importances.num_rows:
         lines += ["", "Parameter importances: not computed (fewer than 8 completed trials of the method's arm)."]
     return "\n".join(lines) + "\n"
+
+
+def search_table(arm, rows: list[dict], objectives: list[tuple[str, str]]) -> list[str]:
+    """One arm's search trials as a Markdown table narrow enough for MLflow's preview: the trial, its status,
+    the arm's searched values, its validation objectives (%), and epochs and training seconds where they
+    differ between its trials; each failed trial's reason below it."""
+    if not rows:
+        return []
+    columns = [("trial", lambda r: r["label"]), ("status", lambda r: r["status"])]
+    columns += [(_short_path(p), lambda r, p=p: fmt(r.get(f"param.{p}"), 3)) for p in arm.space]
+    columns += [(f"{m.removeprefix('val/')} %" if m.endswith("_acc") else m.removeprefix("val/"),
+                 lambda r, m=m: pct(r.get(m)) if m.endswith("_acc") else fmt(r.get(m), 3)) for m, _ in objectives]
+    optional = [("epochs", lambda r: fmt(r.get("epochs"))), ("train s", lambda r: fmt(r.get("train_seconds"), 3))]
+    columns += [(name, cell) for name, cell in optional if len({cell(r) for r in rows}) > 1]
+    out = [f"### {arm.describe()} ({arm.name} arm)", ""]
+    out += _table([name for name, _ in columns], [[cell(r) for _, cell in columns] for r in rows])
+    out += [f"- {r['label']}: {r['failure_reason']}" for r in rows if r.get("failure_reason")]
+    return [*out, ""]
+
+
+def _short_path(path: str) -> str:
+    return path.removeprefix("sns.").removeprefix("train.")
 
 
 def console_text(study: StudyFile, outcome) -> str:
