@@ -3,7 +3,7 @@ the bare limit, 10 x (forward + input-gradient backward), on the same model, bat
 
     python -m bench --only attack_throughput --quick
 
-Targets (issue 5): ours/theirs <= 0.9, ours/bare <= 1.05. The bare variant is what any PGD must pay:
+Targets: ours/theirs <= 0.9, ours/bare <= 1.05. The bare variant is what any PGD must pay:
 the model's forward and input-gradient backward per step, parameters frozen, no projection.
 `ours_channels_last` runs ours on a channels-last copy of the same model: a layout choice for the
 model's owner, not for the attack, reported for reference (no target).

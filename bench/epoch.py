@@ -9,7 +9,7 @@ batch 64 (CPU) or 128 (CUDA), Adam:
 - plain: a DataLoader over a TensorDataset and torchattacks' PGD, NCHW, fp32;
 - plain_channels_last: the same loop with model and inputs in channels_last (a one-line change).
 Cases: LeNet-5 on the embedded mnist5k digits, the CIFAR ResNet-18 on CIFAR-shaped images at a small batch.
-Targets (issue 12): nslab/plain <= 0.65 on CPU, <= 0.5 on a GPU.
+Targets: nslab/plain <= 0.65 on CPU, <= 0.5 on a GPU.
 """
 
 from __future__ import annotations

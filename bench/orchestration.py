@@ -7,8 +7,8 @@ equal concurrency (1 trial at a time, 1 torch thread each).
 The study variant is what a user waits for: local Ray start, `run_study` (trials in Ray workers,
 MLflow runs, per-epoch checkpoints and sensitivity tables, the final tables and plots) and Ray
 shutdown. The bare variant is `ns_core.experiment.run_experiment` on the same experiments (the
-study's fixed `points_to_evaluate`, so both train exactly the same configurations). Targets
-(issue 5): study/bare <= 1.10 for trials of about 30 s; per-trial overhead <= 2 s, where a trial's
+study's fixed `points_to_evaluate`, so both train exactly the same configurations). Targets:
+study/bare <= 1.10 for trials of about 30 s; per-trial overhead <= 2 s, where a trial's
 overhead is its wall time seen by the driver minus the same training run bare (it bounds the
 trial's setup from above: it also holds its logging and checkpoints).
 """

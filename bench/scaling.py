@@ -7,7 +7,7 @@ The same study as benchmark 4 (configs/study/quick.yaml, fixed points, fixed wor
 each concurrency, interleaved. Throughput counts the trials a study finished per hour of its wall
 time, end to end (Ray start and stop included) and inside `run_study` alone. On 2 cores the ideal
 speedup is 2; other work on the machine (see machine.load_average) takes its share. On CUDA each
-trial gets 1/concurrency of the GPU. Target (issue 12): throughput at concurrency 2 / concurrency 1
+trial gets 1/concurrency of the GPU. Target: throughput at concurrency 2 / concurrency 1
 >= 1.8 for trials of about 30 s (full mode; quick mode's 6 s trials are dominated by Ray's start).
 
 Where the time goes is split into what the trials' own training takes (each trial's train_seconds:

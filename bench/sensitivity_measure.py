@@ -3,7 +3,7 @@ passes over the same data (eval mode, no_grad), and its peak memory at N = 1k an
 
     python -m bench --only sensitivity_measure --quick
 
-Targets (issue 5): measure/two_forwards <= 1.2; peak memory flat in N. Memory is measured in a fresh
+Targets: measure/two_forwards <= 1.2; peak memory flat in N. Memory is measured in a fresh
 process per N (ru_maxrss is a high-water mark; on CUDA, torch.cuda.max_memory_allocated), with the
 pairs generated batch by batch so the data itself is not held: any growth with N is the code's.
 """

@@ -5,7 +5,7 @@ start: 2 passes per step instead of PGD-10's 11).
     python -m bench --only sns_step --quick
 
 A step is what the Trainer does per batch: craft + loss + zero_grad + backward + optimizer.step, in
-train mode. Target (issue 5): sns/pgd_at <= 1.12. The `floor` variant is PGD-AT plus the one extra
+train mode. Target: sns/pgd_at <= 1.12. The `floor` variant is PGD-AT plus the one extra
 benign forward and backward that SNS cannot avoid (its loss adds 0.1 x clean cross-entropy), so
 sns/floor isolates what the hooks and the regularizer cost on top of that.
 """
