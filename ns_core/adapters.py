@@ -13,8 +13,8 @@ The contract. A model is named in a config by a registered name or an import pat
 2. A plain classifier, when the factory does not name `input_shape` but takes `num_classes` (by name, or
    through **kwargs as torchvision's and timm's builders do): `factory(num_classes=K, weights=None)`
    (`weights=None` only where the factory names it: nslab never downloads weights), then `adapt_classifier`
-   makes it fit, in place, so every layer name and state_dict key stays the model's own (`layer1`, not a
-   wrapper's `net.layer1`): the normalization goes in front as a forward pre-hook with non-persistent buffers
+   makes it fit, in place, so every layer name and state_dict key stays the model's own (`layer1`, no
+   wrapper's prefix): the normalization goes in front as a forward pre-hook with non-persistent buffers
    (`nslab_mean`, `nslab_std`: not in the state_dict); the first `nn.Conv2d` (in `named_modules()` order)
    is rebuilt for C input channels with its other settings; for small inputs (min(H, W) < 64, e.g. 28x28
    MNIST or 32x32 CIFAR) the usual CIFAR stem: that convolution at stride 1 (a 7x7 one becomes 3x3 with
