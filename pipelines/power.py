@@ -55,21 +55,12 @@ def _positive(text: str) -> float:
     return value
 
 
-def family(study) -> tuple[int, int]:
-    """(configurations the confirmation retrains, comparisons judged together) for a study, before its search:
-    every compared arm's top_k (a Pareto front counts as top_k) and the control's best."""
-    arms = {a.name for a in study.arm_list()}
-    per_arm = {name: 1 if name == study.control_arm else study.confirm.top_k for name in arms}
-    comparisons = sum(per_arm[arm] for arm, _ in study.comparisons())
-    return sum(per_arm.values()), max(1, comparisons)
-
-
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from orchestrator.config.loader import parse_set
     from orchestrator.config.study import load_study
-    from orchestrator.study.power import EFFECTS, simulate, text
+    from orchestrator.study.power import EFFECTS, simulate, study_family, text
     from orchestrator.study.sequential import confirmation_design
 
     overrides, origins = {}, {}
@@ -81,7 +72,7 @@ def _main(argv: list[str] | None) -> int:
         raise ValueError(f"{args.config} has no confirmation (confirm: null): there is no design to simulate")
     if args.test_se < 0:
         raise ValueError(f"--test-se must be >= 0, got {args.test_se}")
-    configurations, comparisons = family(study)
+    configurations, comparisons = study_family(study)
     comparisons = args.comparisons or comparisons
     design = confirmation_design(study, configurations)
     spread = args.spread or study.confirm.assumed_spread

@@ -3,11 +3,14 @@ sequential confirmation adds, the one verdict sentence, the Pareto mask, NaN-saf
 
 import math
 
+import numpy as np
 import pytest
 import yaml
 from conftest import TINY_STUDY
 
 from orchestrator.config.study import load_study
+from orchestrator.execution.trial_outcome import TrialOutcome
+from orchestrator.execution.trial_settings import Record
 from orchestrator.results import (
     Status,
     failure_kind,
@@ -21,7 +24,7 @@ from orchestrator.results import (
     run_status,
     verdict_sentence,
 )
-from orchestrator.study.confirmation import Configuration, next_seeds, summarize
+from orchestrator.study.confirmation import Configuration, confirmation_rows, next_seeds, plan_round, summarize
 from orchestrator.study.decision import Decision, decide, paired_difference, probability_of_improvement, seeds_needed
 
 
@@ -167,3 +170,75 @@ def test_a_failed_seed_is_left_out_and_named(tmp_path):
     comparison = summarize(s, rows, configurations(s), 1).comparisons[0]
     assert comparison.robust.seeds == (1,)
     assert comparison.verdict().endswith("seed 2 left out: the sns run failed (TrainingCollapsed)")
+
+
+# ---- what the interval counts, and who trains next ------------------------------------------------------
+
+
+def with_examples(rows: list[dict], examples: int = 400) -> dict[str, np.ndarray]:
+    """Give each row a run id and per-example outcomes whose mean is its robust accuracy: the examples a model
+    gets right are the easiest ones, so a better model wins on the same examples every seed (the test split's
+    own variation is real)."""
+    outcomes = {}
+    for i, row in enumerate(rows):
+        row["mlflow_run_id"] = f"run-{i}"
+        outcomes[row["mlflow_run_id"]] = np.arange(examples) < round(row["test_robust_acc"] * examples)
+    return outcomes
+
+
+def test_the_interval_counts_the_test_examples_and_names_each_sources_width(tmp_path):
+    s = study(tmp_path)
+    rows = rows_for({1: (0.50, 0.53), 2: (0.51, 0.545), 3: (0.49, 0.515)})
+    examples = with_examples(rows)
+    both = summarize(s, rows, configurations(s), 2, examples).comparisons[0]
+    seeds_only = summarize(s, rows, configurations(s), 2).comparisons[0]
+    assert both.robust.example_variance > 0 and seeds_only.robust.example_variance is None
+    assert both.robust.ci95[0] < seeds_only.robust.ci95[0]  # the test split's variation widens it
+    widths = both.robust.half_widths()
+    assert f"seeds ±{100 * widths['seeds']:.1f}, test examples ±{100 * widths['test examples']:.1f}" in both.verdict()
+    assert "at look 2 of 4" in both.verdict()  # the looks at 2, 3, 4, 5 seeds: the interval holds at each
+    assert "test examples not recorded (the interval covers the seeds only)" in seeds_only.verdict()
+    summary = both.summary()
+    assert summary["half_width_test_examples"] == pytest.approx(widths["test examples"])
+    assert summary["looks"] == "2,3,4,5" and summary["ci95_low"] == pytest.approx(both.robust.ci95[0])
+
+
+def record(tmp_path) -> Record:
+    return Record(f"sqlite:///{tmp_path / 'm.db'}", "test", "parent", "s")
+
+
+def finished(trials, robust: dict[tuple[str, int], float]) -> list[TrialOutcome]:
+    """The outcomes of a round's trials: robust accuracy by (configuration, train seed); clean 0.9."""
+    return [TrialOutcome(t, Status.COMPLETE, 2, None, {"test/robust_acc": robust[t.configuration, t.seed],
+                                                      "test/clean_acc": 0.9, "final": 1.0}) for t in trials]
+
+
+def test_an_a_a_control_trains_on_other_seeds_but_is_paired_by_seed(tmp_path):
+    s = study(tmp_path, baseline_seed_offset=100)
+    first = plan_round(s, configurations(s), record(tmp_path), [])
+    assert sorted((t.configuration, t.seed) for t in first) == [("baseline", 101), ("baseline", 102), ("sns", 1),
+                                                              ("sns", 2)]
+    outcomes = finished(first, {("baseline", 101): 0.5, ("baseline", 102): 0.5, ("sns", 1): 0.52, ("sns", 2): 0.49})
+    rows = confirmation_rows(s, outcomes)
+    assert sorted((r["configuration"], r["seed"]) for r in rows) == [("baseline", 1), ("baseline", 2), ("sns", 1),
+                                                                     ("sns", 2)]
+    assert {r.get("train_seed") for r in rows if r["configuration"] == "baseline"} == {101, 102}
+    second = plan_round(s, configurations(s), record(tmp_path), outcomes)
+    assert sorted((t.configuration, t.seed) for t in second) == [("baseline", 103), ("sns", 3)]
+
+
+def test_several_comparisons_are_judged_under_holm_and_a_decided_one_stops_training(tmp_path):
+    s = study(tmp_path, top_k=2)
+    baseline, method = s.arm_list()
+    confs = [Configuration("baseline", baseline, {}, "baseline"), Configuration("sns", method, {}, "sns-01"),
+             Configuration("sns-2", method, {}, "sns-02")]
+    first = plan_round(s, confs, record(tmp_path), [])  # concurrency 2 over 3 configurations: one seed a round
+    robust = {("baseline", 1): 0.5, ("baseline", 2): 0.5, ("sns", 1): 0.53, ("sns", 2): 0.53,
+              ("sns-2", 1): 0.52, ("sns-2", 2): 0.49}
+    outcomes = finished(first, robust)
+    confirmation = summarize(s, confirmation_rows(s, outcomes), confs, 1)
+    sure, unsure = confirmation.comparisons
+    assert sure.decision == Decision.BEATS and unsure.decision == Decision.UNDECIDED
+    assert "Holm over 2 comparisons" in sure.verdict() and sure.robust.share == pytest.approx(1 / 2)
+    second = plan_round(s, confs, record(tmp_path), outcomes)
+    assert sorted((t.configuration, t.seed) for t in second) == [("baseline", 3), ("sns-2", 3)]  # not sns: decided

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +32,12 @@ import pyarrow as pa
 from ns_core.attacks import Attack
 from orchestrator.config.loader import apply_overrides
 from orchestrator.config.study import Arm, StudyFile
-from orchestrator.execution.phases import TrialLog, run_rounds
+from orchestrator.execution.phases import TrialLog, exists, phase_trials, run_rounds
 from orchestrator.execution.trial_outcome import TrialOutcome
 from orchestrator.execution.trial_settings import Record, Role, TrialSettings
 from orchestrator.results import Status, count, failure_kind, finite, fmt, pct, points, rows_table, verdict_sentence
 from orchestrator.study.decision import Decision, PairedDifference, paired_difference, probability_of_improvement
-from orchestrator.study.power import design_line
+from orchestrator.study.power import design_line, study_family
 from orchestrator.study.sequential import Pairs, confirmation_design, judge, read_examples
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,6 @@ def run_confirmation(study: StudyFile, rows: list[dict], pareto: list[bool], rec
     log.info("confirmation of %s on seeds %s (up to %d seeds until decided; test split)",
              ", ".join(f"{c.name} ({c.describe()})" for c in configurations), study.confirm_seeds(),
              study.confirm.max_seeds)
-    family = len(compared_pairs(study, configurations))
-    log.info("%s", design_line(confirmation_design(study, len(configurations)), study.confirm.assumed_spread,
-                               study.confirm.margin, family=family))
     plan = functools.partial(plan_round, study, configurations, record)
     grid = run_rounds(plan, path, "confirm", resources, limit=study.confirm.max_seeds * len(configurations),
                       max_failures=study.study.max_failures,
@@ -171,6 +169,35 @@ def run_confirmation(study: StudyFile, rows: list[dict], pareto: list[bool], rec
     results = confirmation_rows(study, [TrialOutcome.of_result(result) for result in grid])
     return summarize(study, results, configurations, rounds_of(study, len({r["seed"] for r in results}),
                                                                len(configurations)), read_examples(record, results))
+
+
+def design_summary(study: StudyFile, path: str) -> str:
+    """The line a study prints when it starts (power.design_line): what its confirmation design risks and finds,
+    at confirm.assumed_spread, or at the spread of the paired differences a resumed study already confirmed."""
+    configurations, family = study_family(study)
+    spread, where = study.confirm.assumed_spread, "confirm.assumed_spread"
+    if exists(path, "confirm"):
+        trials, _ = phase_trials(path, "confirm")
+        spread, where = observed_spread(study, confirmation_rows(study, [TrialOutcome.of_trial(t) for t in trials])
+                                        ) or (spread, where)
+    return design_line(confirmation_design(study, configurations), spread, study.confirm.margin, family=family,
+                       where=where)
+
+
+def observed_spread(study: StudyFile, rows: list[dict]) -> tuple[float, str] | None:
+    """(the largest standard deviation over seeds of a configuration's robust difference from the control, in
+    points; where it came from), or None before two seeds of a comparison finished."""
+    control = {r["seed"]: r["test_robust_acc"] for r in rows
+               if r["arm"] == study.control_arm and r["test_robust_acc"] is not None}
+    differences: dict[str, list[float]] = {}
+    for r in rows:
+        if r["arm"] != study.control_arm and r["test_robust_acc"] is not None and r["seed"] in control:
+            differences.setdefault(r["configuration"], []).append(r["test_robust_acc"] - control[r["seed"]])
+    spreads = [(statistics.stdev(d), len(d)) for d in differences.values() if len(d) > 1]
+    if not spreads:
+        return None
+    spread, seeds = max(spreads)
+    return 100 * spread, f"the {seeds} seeds already confirmed"
 
 
 def plan_round(study: StudyFile, configurations: list[Configuration], record: Record,

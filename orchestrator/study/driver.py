@@ -44,7 +44,7 @@ from orchestrator.execution.search import arm_sampler, trial_label
 from orchestrator.execution.trial_settings import Record, Role, TrialSettings
 from orchestrator.record import tags
 from orchestrator.record.tracking import Tracker, config_hash, flatten, git_commit
-from orchestrator.study.confirmation import run_confirmation
+from orchestrator.study.confirmation import design_summary, run_confirmation
 from orchestrator.study.outcome import StudyOutcome, record_outcome
 from orchestrator.study.rows import collect
 
@@ -89,6 +89,8 @@ def run_study(study: StudyFile, name: str, resume: bool = False, keep_gpu: bool 
     log.info("study %s: %s; %d at a time, objectives %s; MLflow parent run %s", name,
              " and ".join(a.describe() for a in arms), s.concurrency,
              ", ".join(f"{o.metric} ({o.mode})" for o in s.objectives), parent)
+    if confirm and study.confirm is not None:
+        log.info("%s", design_summary(study, path))  # what the confirmation risks and finds (nslab power)
     try:
         if not confirm_only:
             search(study, record, path, resources, search_warmup(study, record, path, resources))

@@ -77,6 +77,13 @@ def simulate(design: Design, effect: float, spread: float, margin: float, *, tes
                                     share[Decision.EQUIVALENT], share[Decision.UNDECIDED], float(seeds.mean()), paths)
 
 
+def study_family(study) -> tuple[int, int]:
+    """(configurations a study's confirmation retrains, comparisons it judges together), known before its search:
+    each compared arm's top_k (a Pareto front counted as top_k) and the control's best."""
+    per_arm = {arm.name: 1 if arm.name == study.control_arm else study.confirm.top_k for arm in study.arm_list()}
+    return sum(per_arm.values()), max(1, sum(per_arm[arm] for arm, _ in study.comparisons()))
+
+
 def table(design: Design, spread: float, margin: float, effects: tuple[float, ...] = EFFECTS,
           **kwargs) -> list[OperatingCharacteristics]:
     """simulate() at each effect (the same seed, so the rows differ only by the effect)."""
@@ -96,7 +103,9 @@ def design_line(design: Design, spread: float, margin: float, effect: float = 2.
     """The one line a study prints when it starts: 'this design: false "beats" at most 2.5%; a 2-point effect at
     a 1.2-point spread is found with 0.89 power after about 4.5 seeds (spread from confirm.assumed_spread)'."""
     oc = simulate(design, effect, spread, margin, family=family, paths=5_000)
-    return (f"this design ({design.describe()}): false 'beats' at most {100 * design.alpha:g}%"
+    shape = "O'Brien-Fleming-type" if design.boundary == "obrien_fleming" else "Pocock"
+    looks = ", ".join(str(n) for n in design.looks)
+    return (f"this design (looks at {looks} seeds, {shape} boundary): false 'beats' at most {100 * design.alpha:g}%"
             f"{f' (Holm over {family} comparisons)' if family > 1 else ''}; a {effect:g}-point effect at a "
             f"{spread:.1f}-point spread is found with {oc.beats:.2f} power after about {oc.expected_seeds:.1f} seeds "
             f"(spread from {where})")
