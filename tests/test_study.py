@@ -124,6 +124,8 @@ def test_the_parent_run_carries_the_answer_tables_plots_and_summary(study_run):
     study, outcome, tracker = study_run
     parent = tracker.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags[tags.STUDY] == "e2e"
+    assert parent.info.run_name == "tiny: SNS equivalent to PGD-AT"  # the answer in the runs table's first column
+    assert parent.data.tags[tags.VERDICT] == "SNS equivalent to PGD-AT, +0.0 points (2 seeds)"
     assert parent.data.tags[tags.GIT_COMMIT] and parent.data.tags[tags.CONFIG_HASH]
     verdict = outcome.confirmation.comparisons[0].verdict()
     assert verdict in parent.data.tags["mlflow.note.content"]  # the description the UI renders

@@ -269,6 +269,10 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
+    def rename(self, run_id: str, name: str) -> None:
+        """Give a run another name (a finished study's parent takes its answer as its name)."""
+        self.client.update_run(run_id, name=name)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from orchestrator.config.study import Arm, ParamSpec, StudyFile
 from orchestrator.execution.search import distribution
-from orchestrator.record import figures
+from orchestrator.record import figures, tags
 from orchestrator.record.artifacts import IMPORTANCE_SCHEMA, trials_table
 from orchestrator.record.tracking import Tracker
 from orchestrator.results import Status, finite, rows_table
@@ -50,7 +50,7 @@ class StudyOutcome:
 
 def record_outcome(study: StudyFile, outcome: StudyOutcome, tracker: Tracker) -> None:
     """Write the study's tables, plots, report and verdict to the parent run and mark it FINISHED."""
-    from orchestrator.record.summary import study_markdown, summary_metrics
+    from orchestrator.record.summary import parent_run_name, short_verdict, study_markdown, summary_metrics
 
     parent, rows, objectives = outcome.parent_run_id, outcome.rows, outcome.objectives
     table = trials_table(rows, study.search_space, [m for m, _ in objectives])
@@ -76,6 +76,8 @@ def record_outcome(study: StudyFile, outcome: StudyOutcome, tracker: Tracker) ->
     tracker.log_text(parent, "\n".join(verdicts) + "\n" if verdicts else "no confirmation\n", "study/verdict.txt")
     tracker.set_description(parent, report)
     tracker.log_metrics(parent, summary_metrics(study, outcome))
+    tracker.set_tags(parent, {tags.VERDICT: short_verdict(outcome)})  # the answer in the runs table's first screen
+    tracker.rename(parent, parent_run_name(study, outcome))
     tracker.end_run(parent, "FINISHED")
 
 
