@@ -61,14 +61,17 @@ class Loaded:
 
 
 def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None = None,
-                     device: str = "auto") -> list[Loaded]:
-    """Load nslab checkpoints; labels default to the training method (plus the seed when methods repeat)."""
+                     device: str = "auto", download: bool = False) -> list[Loaded]:
+    """Load nslab checkpoints; labels default to the training method (plus the seed when methods repeat).
+    `download`: each one's dataset may be downloaded where its files are missing (--download)."""
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"--labels needs one label per checkpoint: {len(paths)} checkpoints, {len(labels)} labels")
     loaded = []
     for path in paths:
         path = Path(path).expanduser().resolve()
         model, meta = load_model(path, device)
+        if download:
+            meta["config"] = {**meta["config"], "data": {**meta["config"].get("data", {}), "download": True}}
         loaded.append(Loaded("", path, model, meta))
     methods = [m.metadata.get("method", m.path.stem) for m in loaded]
     for i, item in enumerate(loaded):
@@ -136,15 +139,15 @@ def external_adaptation(input_shape: tuple[int, int, int], adapt: Collection[Ada
 
 def load_external(model: str, state_dict: str | Path, dataset: str, data_root: str | None = None,
                   device: str = "auto", eps: float | None = None, label: str | None = None,
-                  adapt: Collection[Adapt] = ()) -> Loaded:
+                  adapt: Collection[Adapt] = (), download: bool = False) -> Loaded:
     """A model nslab did not train: its factory (a registered name or an import path, built for `dataset`'s
     inputs and classes) with the weights of a plain state_dict file (weights_only=True). A plain classifier
     (a factory that takes num_classes alone) is built as its factory builds it, plus only the adaptations in
     `adapt` (`external_adaptation`): nothing changes the inputs it sees unless asked. Its metadata is what an
     nslab checkpoint would carry, with the training attack unknown: `eps` names the threat model the analysis
-    attacks at."""
+    attacks at. `download`: the dataset may be downloaded where its files are missing (--download)."""
     experiment = validate(ExperimentConfig, {"name": "external", "dataset": dataset, "model": model,
-                                             "method": "standard", "data": {"root": data_root},
+                                             "method": "standard", "data": {"root": data_root, "download": download},
                                              "attack": {"name": "pgd", "eps": eps if eps is not None else 0.0}},
                           source=f"--model {model} --dataset {dataset}")
     data = load_data(experiment)

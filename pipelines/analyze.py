@@ -35,6 +35,7 @@ from pipelines._common import (
     Parser,
     Timer,
     add_common_flags,
+    add_download_flag,
     positive_int,
     prog,
     run_cli,
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_common_flags(p)
+        if name != "study":  # the study report reads MLflow, no dataset
+            add_download_flag(p)
         p.add_argument("--out", metavar="DIR", help="also write the report's Parquet and PNG files under DIR")
         p.add_argument("--experiment", help=f"MLflow experiment of the report (default {DEFAULT_EXPERIMENT})")
         return p
@@ -181,7 +184,8 @@ def run_methods_command(args) -> int:
     from analyses.methods import format_table, run_methods
     from orchestrator.execution.ray_session import ray_session
 
-    config = load_methods_config(args.config)
+    config = load_methods_config(args.config, {"experiment.data.download": True} if args.download else None,
+                                 {"experiment.data.download": "--download"})
     if args.smoke_test:
         config = config.smoke()
     checkpoint_dir = Path(args.checkpoint_dir or (Path(args.out) / "checkpoints" if args.smoke_test and args.out
@@ -236,10 +240,10 @@ def run_model_command(args) -> int:
     if not args.checkpoints and not args.dry_run:
         raise ValueError(f"{args.command} needs checkpoints: pass "
                          f"{'--checkpoints' if args.command == 'compare' else '--checkpoint'} A.pt [B.pt ...]")
-    models = load_checkpoints(args.checkpoints or [], args.labels, args.device)
+    models = load_checkpoints(args.checkpoints or [], args.labels, args.device, download=args.download)
     shared = None
     if args.command == "compare" and args.shared_source:
-        shared = load_checkpoints([args.shared_source], ["shared-source"], args.device)[0]
+        shared = load_checkpoints([args.shared_source], ["shared-source"], args.device, download=args.download)[0]
     if args.dry_run:
         if models:
             same_data(models + ([shared] if shared else []))
@@ -273,10 +277,11 @@ def run_sensitivity_command(args) -> int:
         raise ValueError("--adapt, --normalize and --cifar-stem build a --state-dict's model; a --checkpoint is "
                          "rebuilt exactly as it was trained: drop them")
     if args.checkpoint:
-        item = load_checkpoints([args.checkpoint], [args.label] if args.label else None, args.device)[0]
+        item = load_checkpoints([args.checkpoint], [args.label] if args.label else None, args.device,
+                                download=args.download)[0]
     elif args.state_dict and args.model and args.dataset:
         item = load_external(args.model, args.state_dict, args.dataset, args.data_root, args.device, args.eps,
-                             args.label, adapt=args.adapt or ())
+                             args.label, adapt=args.adapt or (), download=args.download)
     else:
         raise ValueError("sensitivity needs --checkpoint PT, or --state-dict PT with --model NAME and --dataset NAME")
     options = SensitivityOptions(eps=args.eps, steps=args.steps, examples=args.examples, layers=args.layers,

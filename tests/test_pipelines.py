@@ -195,6 +195,12 @@ def test_a_missing_dataset_suggests_download_which_every_data_pipeline_takes(tmp
     assert "--download" in _one_line(study.main, study_config, capsys)
     assert "the download failed" in _one_line(study.main, [*study_config, "--download"], capsys)
     assert evaluate.build_parser().parse_args(["--checkpoint", "x.pt", "--download"]).download
+    external = ["sensitivity", "--state-dict", str(tmp_path / "w.pt"), "--model", "lenet5", "--dataset", "mnist",
+                "--data-root", str(tmp_path / "analysis-data"), "--eps", "0.3", "--dry-run"]
+    assert "--download" in _one_line(analyze.main, external, capsys)
+    assert "the download failed" in _one_line(analyze.main, [*external, "--download"], capsys)
+    assert all(analyze.build_parser().parse_args([command, "--download"]).download
+               for command in ("methods", "compare", "stabilize"))
 
 
 def test_a_set_typo_is_blamed_on_the_flag_not_the_file(capsys, tmp_path):

@@ -11,6 +11,7 @@ goes through orchestrator.config.loader, so a typo is one line naming the field 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -91,6 +92,8 @@ class MethodsConfig(Strict):
             "sensitivity": self.sensitivity.model_copy(update={"examples": 64})})
 
 
-def load_methods_config(path: str | Path) -> MethodsConfig:
-    """Read and validate a methods YAML; every problem is a one-line ConfigError."""
-    return load_config(path, MethodsConfig)
+def load_methods_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                        origins: dict[str, str] | None = None) -> MethodsConfig:
+    """Read and validate a methods YAML (with `overrides` on top, named by their `origins` in an error, as
+    loader.load_config); every problem is a one-line ConfigError."""
+    return load_config(path, MethodsConfig, overrides, origins)
