@@ -48,44 +48,118 @@ def test_settings_cross_the_ray_boundary_as_plain_values_and_come_back_equal(tmp
     assert repr(back) == "TrialSettings(confirm-sns-s1)"  # Tune prints trials with it: no experiment dump
 
 
+SPACE = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+         "sns.layers": {"type": "categorical", "choices": [["relu3"], ["relu3", "relu4"]]},
+         "sns.lam": {"type": "float", "low": 0.01, "high": 1.0, "log": True}}
+
+
+def searcher_for(study, replicates=(None,)):
+    from orchestrator.execution.search import arm_sampler, make_searcher, trial_label
+
+    return make_searcher(study, [[arm_sampler(study, arm, TrialSettings(
+        role=Role.SEARCH, label=trial_label(arm.name, None, r), arm=arm.name, record=RECORD, replicate=r,
+        experiment=arm.experiment.model_dump(mode="json"))) for arm in study.arm_list(r)] for r in replicates])
+
+
 def test_arms_search_the_same_way_the_baseline_arm_never_samples_sns_paths(tmp_path):
     from ray.tune.search import Searcher
 
-    from orchestrator.execution.search import ArmsSearcher, PerArm, arm_sampler, make_searcher
-
-    study = tiny(tmp_path, study={"trials": 3, "scheduler": "asha", "grace_period": 1},
-                 search_space={"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-                               "sns.layers": {"type": "categorical", "choices": [["relu3"], ["relu3", "relu4"]]},
-                               "sns.lam": {"type": "float", "low": 0.01, "high": 1.0, "log": True}})
+    study = tiny(tmp_path, study={"trials": 3, "scheduler": "asha", "grace_period": 1, "reproducible": False},
+                 search_space=SPACE)
     baseline, method = study.arm_list()
     assert (baseline.name, baseline.method, baseline.trials, baseline.tuned) == ("baseline", "pgd_at", 3, True)
     assert set(baseline.space) == {"train.lr"} and set(method.space) == {"train.lr", "sns.layers", "sns.lam",
                                                                           "sns.fraction"}  # + tiny.yaml's
-    samplers = [arm_sampler(study, arm, TrialSettings(role=Role.SEARCH, label=arm.name, arm=arm.name, record=RECORD,
-                                                      experiment=arm.experiment.model_dump(mode="json")))
-                for arm in (baseline, method)]
-    limiter = make_searcher(study, samplers)
-    searcher = limiter.searcher
-    assert isinstance(searcher, ArmsSearcher) and limiter.max_concurrent == study.study.concurrency
-    suggested = [TrialSettings.of(searcher.suggest(f"t{i}")) for i in range(6)]
+    searcher = searcher_for(study)
+    samplers = searcher.searches[0].samplers
+    suggested = [TrialSettings.of(searcher.suggest(f"t{i}")) for i in range(2)]
+    assert searcher.suggest("t2") is None  # asynchronous: study.concurrency (2) at a time
+    for i in range(2, 6):
+        searcher.on_trial_complete(f"t{i - 2}", {"val/robust_acc": 0.5, "val/clean_acc": 0.9})
+        suggested.append(TrialSettings.of(searcher.suggest(f"t{i}")))
     assert searcher.suggest("t6") == Searcher.FINISHED  # each arm got exactly its trials
     assert [s.label for s in suggested] == ["baseline-01", "sns-01", "baseline-02", "sns-02", "baseline-03", "sns-03"]
+    assert [s.sequence for s in suggested] == [1, 2, 3, 4, 5, 6] and [s.number for s in suggested] == [1, 1, 2, 2, 3, 3]
     for s in suggested:
         arm = baseline if s.arm == "baseline" else method
         assert set(s.overrides) == set(arm.space)  # decoded on the driver; the baseline's never holds sns.*
         assert s.experiment_config().method == arm.method
     assert all(s.overrides["sns.layers"] in (["relu3"], ["relu3", "relu4"]) for s in suggested if s.arm == "sns")
-    searcher.on_trial_complete("t1", {"val/robust_acc": 0.5, "val/clean_acc": 0.9})  # an sns trial
-    assert [len(sampler.optuna._ot_study.trials) for sampler in samplers] == [3, 3]
-    assert [t.state.name for t in samplers[1].optuna._ot_study.trials].count("COMPLETE") == 1  # its own arm's
-    assert [t.state.name for t in samplers[0].optuna._ot_study.trials].count("COMPLETE") == 0
+    states = [[t.state.name for t in sampler.optuna._ot_study.trials] for sampler in samplers]
+    assert [row.count("COMPLETE") for row in states] == [2, 2]  # each arm told its own trials only
     path = tmp_path / "searcher.pkl"
     searcher.save(str(path))
-    restored = make_searcher(study, [arm_sampler(study, arm, samplers[0].template) for arm in (baseline, method)])
-    restored.searcher.restore(str(path))
-    assert [s.created for s in restored.searcher.samplers] == [3, 3]  # the numbers continue after a resume
-    scheduler = PerArm(study)
-    assert scheduler.settings["max_t"] == study.max_epochs() and scheduler.settings["metric"] == "val/robust_acc"
+    restored = searcher_for(study)
+    restored.restore(str(path))
+    assert [s.created for s in restored.searches[0].samplers] == [3, 3]  # the numbers continue after a resume
+
+
+def run_searcher(study, order):
+    """Suggest a study's trials, ending the running ones in `order` (a key on (sequence, trial id)) whenever the
+    searcher waits; each trial's result is a function of its suggested values. The suggested labels and values."""
+    searcher, running, out = searcher_for(study), {}, []
+    while True:
+        trial_id = f"t{len(out)}"
+        config = searcher.suggest(trial_id)
+        if config == "FINISHED":
+            return out
+        if config is None:
+            sequence, ended = min((s.sequence, t) for t, s in running.items()) if order == "in order" else max(
+                (s.sequence, t) for t, s in running.items())
+            settings = running.pop(ended)
+            value = settings.overrides["train.lr"] * 10 + len(settings.overrides) / 100
+            searcher.on_trial_complete(ended, {"val/robust_acc": value, "val/clean_acc": 0.9})
+            continue
+        settings = TrialSettings.of(config)
+        running[trial_id] = settings
+        out.append((settings.label, settings.sequence, dict(settings.overrides)))
+
+
+def test_a_reproducible_search_suggests_the_same_trials_whatever_order_they_end_in(tmp_path):
+    study = tiny(tmp_path, study={"trials": 6, "concurrency": 2}, search_space=SPACE)
+    assert study.study.reproducible  # the default
+    first, second = run_searcher(study, "in order"), run_searcher(study, "last first")
+    assert first == second and len(first) == 12
+    asynchronous = tiny(tmp_path, study={"trials": 6, "concurrency": 2, "reproducible": False}, search_space=SPACE)
+    assert run_searcher(asynchronous, "in order") != run_searcher(asynchronous, "last first")  # what it fixes
+    searcher = searcher_for(study)
+    ids = [f"t{i}" for i in range(3)]
+    assert searcher.suggest(ids[0]) and searcher.suggest(ids[1]) and searcher.suggest(ids[2]) is None
+    searcher.on_trial_complete(ids[1], {"val/robust_acc": 0.5, "val/clean_acc": 0.9})
+    assert searcher.suggest(ids[2]) is None  # trial 3 waits for trial 1, however many others ended
+    searcher.on_trial_complete(ids[0], {"val/robust_acc": 0.5, "val/clean_acc": 0.9})
+    assert TrialSettings.of(searcher.suggest(ids[2])).sequence == 3
+    assert searcher.searches[0].told == {1}  # trial 2's result waits for trial 4's suggestion
+
+
+def test_replicates_search_side_by_side_with_their_own_seeds_and_validation_splits(tmp_path):
+    study = tiny(tmp_path, study={"trials": 2, "replicates": 2, "replicate_data": True}, search_space=SPACE)
+    searcher = searcher_for(study, (1, 2))
+    suggested = [TrialSettings.of(searcher.suggest(f"t{i}")) for i in range(4)]
+    assert [(s.replicate, s.label) for s in suggested] == [(1, "r1-baseline-01"), (2, "r2-baseline-01"),
+                                                           (1, "r1-sns-01"), (2, "r2-sns-01")]
+    assert suggested[0].overrides != suggested[1].overrides  # another searcher seed
+    assert [s.experiment_config().data.data_seed for s in suggested] == [0, 1, 0, 1]
+
+
+def test_rungs_are_shares_of_each_trials_own_schedule_and_a_trial_meets_only_settled_peers(tmp_path):
+    from orchestrator.execution.search import PerArm, rung_epoch, rungs
+
+    study = tiny(tmp_path, study={"trials": 6, "scheduler": "asha", "grace_period": 2, "reduction_factor": 2},
+                 experiment={"train": {"epochs": 8}}, search_space={**SPACE, "train.epochs": {
+                     "type": "int", "low": 4, "high": 8}})
+    assert rungs(study) == [0.25, 0.5] and [rung_epoch(m, 4) for m in (0.25, 0.5)] == [1, 2]
+    assert [rung_epoch(m, 8) for m in (0.25, 0.5)] == [2, 4] and rung_epoch(1 / 3, 6) == 2
+    scheduler = PerArm(study)  # reproducible, concurrency 2: trial n meets trials 1..n-2
+    ladder = {m: {} for m in scheduler.milestones}
+    assert scheduler.decide(ladder, 1, 0.25, 0.8) == "CONTINUE"  # nothing to compare with
+    assert scheduler.decide(ladder, 2, 0.25, 0.1) == "CONTINUE"  # trial 1 may not have reached the rung yet
+    assert scheduler.decide(ladder, 3, 0.25, 0.5) == "STOP"  # below trial 1's 0.8
+    assert scheduler.decide(ladder, 3, 0.25, 0.5) == "CONTINUE"  # a rung decides once
+    assert scheduler.decide(ladder, 4, 0.5, 0.1) == "CONTINUE"  # alone at the second rung
+    assert scheduler.decide(ladder, 5, 0.375, 0.9) == "CONTINUE" and 5 in ladder[0.25]  # epoch 3 of 8: rung 1
+    study.study.reproducible = False
+    assert PerArm(study).decide({m: {1: 0.8, 2: 0.9} for m in scheduler.milestones}, 3, 0.25, 0.85) == "STOP"
 
 
 def test_an_untuned_baseline_is_one_trial_and_so_is_a_baseline_with_nothing_shared_to_search(tmp_path):

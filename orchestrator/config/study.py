@@ -285,7 +285,7 @@ class StudyFile(Strict):
         self.study.points_to_evaluate = [self._point(i, p) for i, p in enumerate(self.study.points_to_evaluate)]
         self._check_arms()
         grace = self.study.grace_period
-        if self.study.scheduler == "asha" and (grace >= self.max_epochs() or (1 < grace and not grace.is_integer())):
+        if self.study.scheduler == "asha" and (grace >= self.max_epochs() or (grace > 1 and not grace.is_integer())):
             raise ValueError(f"study.grace_period: must be whole epochs below the maximum ({self.max_epochs()}), or a "
                              f"share of each trial's epochs below 1, for ASHA to have a rung (got {grace:g})")
         for arm in self.arm_list():  # every combination of edges and choices builds, before anything trains
@@ -420,13 +420,14 @@ class StudyFile(Strict):
         return apply_overrides(self.experiment, {"method": self.baseline_method(),
                                                  "name": f"{self.experiment.name}-baseline"})
 
-    def arm_list(self) -> list[Arm]:
+    def arm_list(self, replicate: int | None = None) -> list[Arm]:
         """The baseline arm (when there is a baseline), then the method's arm; or the `arms:` list, in its order.
-        Every tuned arm searches the paths its method reads (`reads_path`) with the same trial count."""
+        Every tuned arm searches the paths its method reads (`reads_path`) with the same trial count. Those of
+        search `replicate` (1, 2, ...) draw its own validation split with study.replicate_data."""
         if self.arms is not None:
             out = []
             for spec in self.arms:
-                experiment = self.arm_experiment(spec)
+                experiment = self._replicate(self.arm_experiment(spec), replicate)
                 space = {p: s for p, s in self.search_space.items() if reads_path(experiment, p)}
                 tuned = spec.tune and bool(space)
                 out.append(Arm(spec.name, spec.method, experiment, space if tuned else {},
@@ -437,11 +438,18 @@ class StudyFile(Strict):
             shared = {p: s for p, s in self.search_space.items() if not p.startswith("sns.")}
             tuned = self.baseline.tune and bool(shared)
             trials = self.study.trials if self.baseline.trials == "same" else self.baseline.trials
-            arms.append(Arm("baseline", self.baseline_method(), self.baseline_experiment(),
+            arms.append(Arm("baseline", self.baseline_method(), self._replicate(self.baseline_experiment(), replicate),
                             shared if tuned else {}, trials if tuned else 1, tuned))
-        arms.append(Arm(self.experiment.method, self.experiment.method, self.experiment, dict(self.search_space),
-                        self.study.trials, True))
+        arms.append(Arm(self.experiment.method, self.experiment.method, self._replicate(self.experiment, replicate),
+                        dict(self.search_space), self.study.trials, True))
         return arms
+
+    def _replicate(self, experiment: ExperimentConfig, replicate: int | None) -> ExperimentConfig:
+        """The experiment of search `replicate`: its own validation split (data.data_seed + replicate - 1) with
+        study.replicate_data, else the same."""
+        if not (replicate and replicate > 1 and self.study.replicate_data):
+            return experiment
+        return apply_overrides(experiment, {"data.data_seed": experiment.data.data_seed + replicate - 1})
 
     def max_epochs(self) -> int:
         """The most epochs any trial of either arm trains (ASHA's max_t; the arms' shared budget)."""

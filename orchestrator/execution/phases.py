@@ -34,13 +34,14 @@ log = logging.getLogger(__name__)
 TUNE_DONE = ("TERMINATED", "ERROR")
 
 
-def run_search(study: StudyFile, samplers: list[ArmSampler], path: str, resources: dict[str, float],
+def run_search(study: StudyFile, searches: list[list[ArmSampler]], path: str, resources: dict[str, float],
                callbacks: Sequence[tune.Callback] = ()) -> tune.ResultGrid:
-    """The search phase: every arm's trials in one Tune experiment, taking turns, each arm stopped early by
-    its own ASHA (when the study asks for it)."""
+    """The search phase: every search's (replicate's) arms in one Tune experiment, side by side, the arms of a
+    search taking turns, each arm stopped early by its own ASHA (when the study asks for it)."""
     return _fit(path, "search", resources, param_space={}, tune_config=tune.TuneConfig(
-        search_alg=make_searcher(study, samplers), scheduler=PerArm(study) if study.study.scheduler == "asha" else None,
-        num_samples=sum(s.trials for s in samplers), trial_dirname_creator=_trial_name, trial_name_creator=_trial_name,
+        search_alg=make_searcher(study, searches), scheduler=PerArm(study) if study.study.scheduler == "asha" else None,
+        num_samples=sum(s.trials for samplers in searches for s in samplers), trial_dirname_creator=_trial_name,
+        trial_name_creator=_trial_name,
         # a warm worker keeps torch, MLflow and the decoded data loaded across trials (bench/orchestration)
         reuse_actors=True), max_failures=study.study.max_failures, callbacks=callbacks, keep=2)
 
@@ -77,10 +78,11 @@ def grid(trials: Sequence[TrialSettings]) -> dict[str, Any]:
 
 
 def run_warmups(trials: Sequence[TrialSettings], path: str, name: str, resources: dict[str, float],
-                max_failures: int = 1, callbacks: Sequence[tune.Callback] = ()) -> tune.ResultGrid:
+                max_failures: int = 1, callbacks: Sequence[tune.Callback] = (), widen: bool = True) -> tune.ResultGrid:
     """Warm-up trials, each keeping every checkpoint; with fewer of them than the cluster has cores (CPU
-    trials), each gets more cores (torch threads) instead of leaving them idle."""
-    wide = spread(resources, len(trials))
+    trials) and `widen`, each gets more cores (torch threads) instead of leaving them idle. A reproducible
+    study does not widen: the thread count rounds a CPU's sums, and the cluster's size must not choose it."""
+    wide = spread(resources, len(trials)) if widen else resources
     return _fit(path, name, wide, param_space=grid(trials), tune_config=tune.TuneConfig(
         trial_dirname_creator=_trial_name, trial_name_creator=_trial_name, reuse_actors=True),
         max_failures=max_failures, callbacks=callbacks, keep=None)

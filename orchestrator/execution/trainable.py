@@ -30,7 +30,7 @@ from ray import tune
 
 from ns_core.checkpoint import CheckpointError, load_checkpoint
 from ns_core.training import Trainer
-from orchestrator.execution.trial_outcome import RUN_ID, report_values
+from orchestrator.execution.trial_outcome import EPOCH, PROGRESS, RUN_ID, report_values
 from orchestrator.execution.trial_settings import Role, TrialSettings
 from orchestrator.execution.warmup import fork_point
 from orchestrator.record import tags
@@ -67,7 +67,8 @@ def train_trial(settings: TrialSettings) -> None:
         if run.info.status == "FAILED" and failure_kind(reason):
             raise TrialFailed(reason)
         if run.data.tags.get(tags.FINAL) == "1":  # finished before the interruption: report, do not retrain
-            tune.report(report_values({**run.data.metrics, "epoch": experiment.train.epochs}, run_id, final=True))
+            tune.report(report_values({**run.data.metrics, EPOCH: experiment.train.epochs, PROGRESS: 1.0}, run_id,
+                                      final=True))
             return
         tracker.reopen(run_id)
     else:
@@ -95,7 +96,7 @@ def train_trial(settings: TrialSettings) -> None:
     keep = set(settings.keep_epochs)
 
     def report(metrics: dict, trainer: Trainer, final: bool) -> None:
-        result = report_values(metrics, run_id, final)
+        result = report_values({**metrics, PROGRESS: trainer.epoch / experiment.train.epochs}, run_id, final)
         if final:
             tracker.set_tags(run_id, {tags.FINAL: "1"})
         if settings.role == Role.WARMUP and trainer.epoch not in keep and trainer.epoch != settings.until:

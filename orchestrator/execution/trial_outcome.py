@@ -23,6 +23,7 @@ from orchestrator.results import Status
 FINAL = "final"  # 1.0 in the report that ends a trial's whole budget (its final evaluation recorded)
 RUN_ID = "mlflow_run_id"
 EPOCH = "epoch"
+PROGRESS = "progress"  # epoch / the trial's own epochs: where ASHA's rungs are (execution/search.py rungs)
 
 # nslab's status -> the MLflow run status it ends with. Only a failure is a failure.
 MLFLOW_STATUS = {Status.COMPLETE: "FINISHED", Status.STOPPED_EARLY: "FINISHED", Status.WARMED_UP: "FINISHED",

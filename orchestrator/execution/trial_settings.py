@@ -54,7 +54,9 @@ class TrialSettings:
     record: Record
     overrides: Mapping[str, Any] = field(default_factory=dict)  # dotted path -> config value
     arm: str | None = None  # "sns" / "baseline" in a study; the method label in `analyze methods`
-    number: int | None = None  # the order its phase created it in (1, 2, ...)
+    number: int | None = None  # the order its phase created it in (1, 2, ...); per arm in a search
+    sequence: int | None = None  # a search trial's place in its whole search, both arms taking turns (1, 2, ...)
+    replicate: int | None = None  # which search of a replicated study it belongs to (1, 2, ...); None: the only one
     forks: Mapping[int, str] = field(default_factory=dict)  # shared warm-up: epoch -> checkpoint directory
     until: int | None = None  # warm-ups stop after this epoch
     keep_epochs: tuple[int, ...] = ()  # warm-ups keep a checkpoint after each of these

@@ -25,8 +25,9 @@ from orchestrator.config.study import ParamSpec
 from orchestrator.results import Status, finite
 
 TRIAL_FIELDS = [
-    pa.field("trial_id", pa.string()), pa.field("arm", pa.string()), pa.field("number", pa.int32()),
-    pa.field("label", pa.string()), pa.field("role", pa.string()), pa.field("status", pa.string()),
+    pa.field("trial_id", pa.string()), pa.field("replicate", pa.int32()), pa.field("arm", pa.string()),
+    pa.field("number", pa.int32()), pa.field("sequence", pa.int32()), pa.field("label", pa.string()),
+    pa.field("role", pa.string()), pa.field("status", pa.string()),
     pa.field("failure_reason", pa.string()), pa.field("epochs", pa.int32()), pa.field("budget_epochs", pa.int32()),
     pa.field("forked_at", pa.int32()), pa.field("best_epoch", pa.int32()), pa.field("wall_seconds", pa.float64()),
     pa.field("train_seconds", pa.float64()), pa.field("regularized_epoch_seconds", pa.float64()),
@@ -40,8 +41,9 @@ COMPUTE_SCHEMA = pa.schema([
     ("arm", pa.string()), ("order", pa.int32()), ("label", pa.string()), ("status", pa.string()),
     ("train_seconds", pa.float64()), ("cumulative_train_seconds", pa.float64()), ("epochs", pa.int32()),
     ("cumulative_epochs", pa.int32()), ("value", pa.float64()), ("best_so_far", pa.float64())])
-RUNG_SCHEMA = pa.schema([("arm", pa.string()), ("rung_epoch", pa.int32()), ("trials", pa.int32()),
-                         ("spearman_rho", pa.float64())])
+RUNG_SCHEMA = pa.schema([("arm", pa.string()), ("rung", pa.float64()), ("rung_epoch", pa.int32()),
+                         ("trials", pa.int32()), ("spearman_rho", pa.float64())])  # rung: a share of each trial's
+# epochs; rung_epoch: where the longest schedule meets it
 
 
 def param_type(spec: ParamSpec) -> pa.DataType:
@@ -100,22 +102,28 @@ def compute_table(rows: Sequence[Mapping[str, Any]], metric: str, mode: str) -> 
     return pa.Table.from_pylist(out, schema=COMPUTE_SCHEMA)
 
 
-def rung_table(rows: Sequence[Mapping[str, Any]], histories: Mapping[str, Mapping[int, float]], rungs: Sequence[int],
-               metric: str) -> pa.Table:
-    """Per arm and rung: Spearman's rank correlation between each completed trial's validation metric at the
-    rung and its final one (how far the cheap signal ASHA stops trials on can be trusted); NaN below 3 trials."""
+def rung_table(rows: Sequence[Mapping[str, Any]], histories: Mapping[str, Mapping[int, float]],
+               rungs: Sequence[float], metric: str, max_epochs: int) -> pa.Table:
+    """Per arm and rung (a share of each trial's own epochs; execution/search.py rungs): Spearman's rank
+    correlation between each completed trial's validation metric at the rung and its final one (how far the
+    cheap signal ASHA stops trials on can be trusted), over every replicate's trials; NaN below 3 trials."""
     from scipy.stats import spearmanr
+
+    from orchestrator.execution.search import rung_epoch
 
     out = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         done = [r for r in rows if r["arm"] == arm and r["status"] == Status.COMPLETE and finite(r.get(metric))]
         for rung in rungs:
-            pairs = [(histories[r["trial_id"]][rung], r[metric]) for r in done
-                     if finite(histories.get(r["trial_id"], {}).get(rung)) and rung < (r.get("epochs") or 0)]
+            at = {r["trial_id"]: rung_epoch(rung, r.get("budget_epochs") or max_epochs) for r in done}
+            pairs = [(histories[r["trial_id"]][at[r["trial_id"]]], r[metric]) for r in done
+                     if finite(histories.get(r["trial_id"], {}).get(at[r["trial_id"]]))
+                     and at[r["trial_id"]] < (r.get("epochs") or 0)]
             rho = math.nan
             if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1 and len({b for _, b in pairs}) > 1:
                 rho = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
-            out.append({"arm": arm, "rung_epoch": rung, "trials": len(pairs), "spearman_rho": rho})
+            out.append({"arm": arm, "rung": rung, "rung_epoch": rung_epoch(rung, max_epochs), "trials": len(pairs),
+                        "spearman_rho": rho})
     return pa.Table.from_pylist(out, schema=RUNG_SCHEMA)
 
 

@@ -130,7 +130,7 @@ def search(study: StudyFile, record: Record, path: str, resources: dict[str, flo
     searches = []
     for replicate in replicates(study):
         samplers = []
-        for arm in study.arms(replicate):
+        for arm in study.arm_list(replicate):
             shares = forks is not None and forks[0] == warmup.trajectory_key(arm.experiment)
             template = TrialSettings(role=Role.SEARCH if arm.tuned else Role.BASELINE,
                                      label=trial_label(arm.name, None, replicate), replicate=replicate,

@@ -26,12 +26,13 @@ from orchestrator.study.outcome import StudyOutcome
 
 def collect(study: StudyFile, name: str, path: str, tracker: Tracker, parent: str) -> StudyOutcome:
     """One row per search trial of each arm (the untuned baseline included) from Tune's experiment state and
-    the MLflow runs, per arm in the order its searcher created them (stable across --resume)."""
+    the MLflow runs, per replicate and arm in the order its searcher created them (stable across --resume)."""
     children = {run.data.tags.get(tags.TRIAL_ID): run for run in tracker.children(parent)}
     objectives = [(o.metric, o.mode) for o in study.study.objectives]
     trials, frames = phase_trials(path, "search")
     order = {arm.name: i for i, arm in enumerate(study.arm_list())}
-    trials = sorted(trials, key=lambda t: (order.get(TrialSettings.of(t.config).arm, 9),
+    trials = sorted(trials, key=lambda t: (TrialSettings.of(t.config).replicate or 1,
+                                           order.get(TrialSettings.of(t.config).arm, 9),
                                            TrialSettings.of(t.config).number or 0))
     rows, spans, histories = [], [], {}
     for trial in trials:
@@ -44,11 +45,15 @@ def collect(study: StudyFile, name: str, path: str, tracker: Tracker, parent: st
         rows.append(row)
     warmup_epochs = max(warmup.search_warmup_lengths(study)) if exists(path, "warmup") else 0
     trained, unshared = warmup.epochs_saved(spans, warmup_epochs)
-    pareto = arm_fronts(rows, objectives)
+    pareto = [False] * len(rows)  # each replicate's arms' own fronts
+    for replicate in {r["replicate"] for r in rows}:
+        index = [i for i, r in enumerate(rows) if r["replicate"] == replicate]
+        for i, on in zip(index, arm_fronts([rows[i] for i in index], objectives), strict=True):
+            pareto[i] = on
     outcome = StudyOutcome(name, parent, path, rows, pareto, tracker.ui_command(), objectives, study.arm_list(),
                            epochs_trained=trained, epochs_unshared=unshared, histories=histories)
     outcome.compute = compute_table(rows, *objectives[0])
-    outcome.rungs = rung_table(rows, histories, rungs(study), objectives[0][0])
+    outcome.rungs = rung_table(rows, histories, rungs(study), objectives[0][0], study.max_epochs())
     outcome.cost_ratios = cost_ratios(rows, study)
     outcome.cost_ratio = outcome.cost_ratios.get(study.arm_list()[-1].name, math.nan) if len(outcome.arms) == 2 else (
         math.nan)
@@ -62,7 +67,8 @@ def trial_row(study: StudyFile, trial, run, objectives: list[tuple[str, str]]) -
     failure = None
     if outcome.status == Status.FAILED:
         failure = (run.data.tags.get(tags.FAILURE) if run else None) or f"its worker failed; see {trial.path}/error.txt"
-    return {"trial_id": trial.trial_id, "arm": settings.arm, "number": settings.number, "label": settings.label,
+    return {"trial_id": trial.trial_id, "replicate": settings.replicate or 1, "arm": settings.arm,
+            "number": settings.number, "sequence": settings.sequence, "label": settings.label,
             "role": str(settings.role), "status": outcome.status, "failure_reason": failure,
             "epochs": outcome.epoch, "budget_epochs": settings.experiment_config().train.epochs,
             "wall_seconds": run.data.metrics.get("time/trial_wall_seconds") if run else None,
