@@ -3,8 +3,8 @@
 Per run (MLflow artifacts, written by orchestrator/run.py): sensitivity/epoch_NNN.parquet,
     sensitivity/sensitivity_per_layer.png, eval/robust_accuracy.parquet, eval/checks.parquet
 Per study (on the parent run): study/trials.parquet, study/pareto.parquet, study/param_importances.parquet,
-    study/compute.parquet, study/rung_correlation.parquet, study/confirmation.parquet, the PNGs beside them,
-    study/report.md and study/verdict.txt
+    study/compute.parquet, study/rung_correlation.parquet, study/expected_best.parquet, study/confirmation.parquet,
+    the PNGs beside them, study/report.md and study/verdict.txt
 
     table = trials_table(rows, study.search_space, ["val/robust_acc", "val/clean_acc"])
     compute = compute_table(rows, "val/robust_acc", "max")     # best so far against cumulative training time
@@ -41,6 +41,8 @@ COMPUTE_SCHEMA = pa.schema([
     ("arm", pa.string()), ("order", pa.int32()), ("label", pa.string()), ("status", pa.string()),
     ("train_seconds", pa.float64()), ("cumulative_train_seconds", pa.float64()), ("epochs", pa.int32()),
     ("cumulative_epochs", pa.int32()), ("value", pa.float64()), ("best_so_far", pa.float64())])
+EXPECTED_BEST_SCHEMA = pa.schema([("arm", pa.string()), ("trials", pa.int32()), ("expected_best", pa.float64()),
+                                  ("low", pa.float64()), ("high", pa.float64())])  # orchestrator/study/budget.py
 RUNG_SCHEMA = pa.schema([("arm", pa.string()), ("rung", pa.float64()), ("rung_epoch", pa.int32()),
                          ("trials", pa.int32()), ("spearman_rho", pa.float64())])  # rung: a share of each trial's
 # epochs; rung_epoch: where the longest schedule meets it

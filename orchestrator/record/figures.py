@@ -5,6 +5,7 @@ what it compares in its title and how many runs it rests on.
                                             neurons SNS stabilizes in red (only for a method that selects)
     pareto_figure(rows, objectives, mask)   each arm's completed trials on the first two objectives, fronts joined
     compute_figure(compute, metric)         per arm, the best validation metric so far against training time
+    expected_best_figure(table, metric, n)  per arm, the expected best validation result after k trials, banded
     importance_figure(table)                Optuna's fANOVA importances per objective, with the trial count
     confirmation_figure(confirmation)       both arms' test accuracy per seed (paired lines) and the paired
                                             difference with its 95% interval; the verdict in the title
@@ -114,6 +115,30 @@ def compute_figure(compute: pa.Table, metric: str) -> Figure:
     ax.set_xlabel("cumulative training time of the arm's trials (s)")
     ax.set_ylabel(f"best {metric} so far (%)")
     ax.set_title("best validation result against training compute, per arm", fontsize=10)
+    if rows:
+        ax.legend(fontsize=8)
+    return figure
+
+
+def expected_best_figure(table: pa.Table, metric: str, budgets: Mapping[str, int]) -> Figure:
+    """Per arm: the expected best validation result after k trials (orchestrator/study/budget.py) with its 95%
+    bootstrap band, and the arm's budget marked: a curve still rising there says more trials might have chosen
+    another configuration."""
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = figure.subplots()
+    rows = table.to_pylist()
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        k = [r["trials"] for r in mine]
+        color = arm_color(arm)
+        ax.plot(k, [100 * r["expected_best"] for r in mine], color=color, marker="o", label=f"{arm} arm")
+        ax.fill_between(k, [100 * r["low"] for r in mine], [100 * r["high"] for r in mine], color=color, alpha=0.15)
+        if arm in budgets:
+            ax.axvline(budgets[arm], color=color, linestyle=":", linewidth=1)
+    ax.set_xlabel("trials (k)")
+    ax.set_ylabel(f"expected best {metric} (%)")
+    ax.set_title("expected best validation result after k trials (95% bootstrap band; dotted: the budget)",
+                 fontsize=9)
     if rows:
         ax.legend(fontsize=8)
     return figure

@@ -139,10 +139,41 @@ def study_markdown(study: StudyFile, outcome) -> str:
                       "at the end, completed trials):", ""]
         lines += _table(["arm", "rung (epoch)", "trials", "ρ"],
                         [[r["arm"], r["rung_epoch"], r["trials"], fmt(r["spearman_rho"], 2)] for r in rungs])
+    budget = budget_lines(outcome)
+    if budget:
+        lines += ["", "Was each arm's budget enough? Expected best validation result after k trials "
+                      "(study/expected_best.png), over the last quarter of the budget:", ""]
+        lines += [f"- {line}" for line in budget]
     importances = outcome.importances
     if importances is not None and not importances.num_rows:
         lines += ["", "Parameter importances: not computed (fewer than 8 completed trials of the method's arm)."]
     return "\n".join(lines) + "\n"
+
+
+RISING = 0.1  # points the expected best may still gain over the last quarter of a budget for it to count as flat
+
+
+def budget_lines(outcome) -> list[str]:
+    """Per arm, whether its expected best validation result (study/expected_best.parquet) still rises over the
+    last quarter of its budget: 'PGD-AT: +0.4 points from 6 to 8 trials: a larger budget may change the answer'."""
+    table = getattr(outcome, "expected_best", None)
+    if table is None:
+        return []
+    rows, sign = table.to_pylist(), 1 if outcome.objectives[0][1] == "max" else -1
+    lines = []
+    for arm in outcome.arms:
+        if not arm.tuned:
+            continue
+        curve = {r["trials"]: r["expected_best"] for r in rows if r["arm"] == arm.name}
+        n = min(arm.trials, max(curve, default=0))
+        if n < 2:
+            lines.append(f"{arm.title}: {n} trial(s) with a value: no curve")
+            continue
+        start = n - max(1, n // 4)
+        rise = sign * (curve[n] - curve[start])
+        judged = "a larger budget may change the answer" if 100 * rise >= RISING else "flat: the budget looks enough"
+        lines.append(f"{arm.title}: {points(rise)} points from {start} to {n} trials: {judged}")
+    return lines
 
 
 def search_table(arm, rows: list[dict], objectives: list[tuple[str, str]]) -> list[str]:
@@ -199,6 +230,9 @@ def console_text(study: StudyFile, outcome) -> str:
     if rungs:
         out.append("rank correlation of each rung's metric with the final one (completed trials): " + "; ".join(
             f"{r['arm']} epoch {r['rung_epoch']}: ρ {fmt(r['spearman_rho'], 2)} (n {r['trials']})" for r in rungs))
+    budget = budget_lines(outcome)
+    if budget:
+        out.append("expected best after k trials (was the budget enough?): " + "; ".join(budget))
     if outcome.importances is not None and outcome.importances.num_rows:
         out.append("parameter importances (fANOVA, n = " + str(outcome.importances.column("trials")[0].as_py())
                    + " trials): " + ", ".join(f"{r['param']}->{r['objective']} {r['importance']:.2f}"

@@ -46,6 +46,7 @@ class StudyOutcome:
     cost_ratio: float = math.nan  # the method's seconds per regularized epoch / the baseline's per epoch
     cost_ratios: dict[str, float] = field(default_factory=dict)  # each arm's seconds per epoch / the control's
     histories: dict[str, dict[int, float]] = field(default_factory=dict)
+    expected_best: pa.Table | None = None  # per arm, the expected best after k trials (orchestrator/study/budget.py)
 
 
 def record_outcome(study: StudyFile, outcome: StudyOutcome, tracker: Tracker) -> None:
@@ -60,6 +61,10 @@ def record_outcome(study: StudyFile, outcome: StudyOutcome, tracker: Tracker) ->
     tracker.log_table(parent, outcome.compute, "study/compute.parquet")
     tracker.log_figure(parent, figures.compute_figure(outcome.compute, objectives[0][0]), "study/robust_vs_compute.png")
     tracker.log_table(parent, outcome.rungs, "study/rung_correlation.parquet")
+    if outcome.expected_best is not None:
+        tracker.log_table(parent, outcome.expected_best, "study/expected_best.parquet")
+        tracker.log_figure(parent, figures.expected_best_figure(outcome.expected_best, objectives[0][0], {
+            arm.name: arm.trials for arm in outcome.arms if arm.tuned}), "study/expected_best.png")
     outcome.importances = param_importances(rows, study, objectives)
     tracker.log_table(parent, outcome.importances, "study/param_importances.parquet")
     if outcome.importances.num_rows:

@@ -1,6 +1,6 @@
 """A study's search as rows: one per search trial, from Tune's experiment state and the trials' MLflow runs,
-with each arm's Pareto front, the robustness-against-compute table, the rung correlations and the method's
-cost per epoch against its base.
+with each arm's Pareto front, the robustness-against-compute table, the rung correlations, the expected best
+after k trials (was the budget enough?) and the method's cost per epoch against its base.
 
     outcome = collect(study, name, path, tracker, parent)     # a StudyOutcome (orchestrator/study/outcome.py)
 """
@@ -21,6 +21,7 @@ from orchestrator.record import tags
 from orchestrator.record.artifacts import compute_table, rung_table
 from orchestrator.record.tracking import Tracker
 from orchestrator.results import Status, arm_fronts, finite
+from orchestrator.study.budget import expected_best_table
 from orchestrator.study.outcome import StudyOutcome
 
 
@@ -54,6 +55,7 @@ def collect(study: StudyFile, name: str, path: str, tracker: Tracker, parent: st
                            epochs_trained=trained, epochs_unshared=unshared, histories=histories)
     outcome.compute = compute_table(rows, *objectives[0])
     outcome.rungs = rung_table(rows, histories, rungs(study), objectives[0][0], study.max_epochs())
+    outcome.expected_best = expected_best_table(rows, *objectives[0], seed=study.study.seed)
     outcome.cost_ratios = cost_ratios(rows, study)
     outcome.cost_ratio = outcome.cost_ratios.get(study.arm_list()[-1].name, math.nan) if len(outcome.arms) == 2 else (
         math.nan)
