@@ -93,6 +93,7 @@ def _evaluate(args, checkpoint: Path, attacks: list, examples: int | None) -> in
     from ns_core.evaluation import evaluate_robustness
     from orchestrator.config.experiment import ExperimentConfig
     from orchestrator.config.loader import apply_overrides, validate
+    from orchestrator.record import tags
     from orchestrator.record.artifacts import write_table
     from orchestrator.record.tracking import Tracker, git_commit, resolve_tracking_uri
     from orchestrator.run import final_suite, load_data, record_failure, record_report
@@ -117,8 +118,8 @@ def _evaluate(args, checkpoint: Path, attacks: list, examples: int | None) -> in
     run_id = tracker.start_run(f"evaluate-{checkpoint.parent.name}", params={
         "checkpoint": str(checkpoint), "attacks": [a.label for a in attacks], "examples": examples or "all",
         "seed": args.seed, "dataset": experiment.dataset, "model": experiment.model, "cascade": not args.no_cascade},
-        tags={"nslab.kind": "evaluate", "checkpoint": str(checkpoint), "git_commit": git_commit(),
-              "source_run_id": meta.get("mlflow_run_id", "")})
+        tags={tags.KIND: tags.Kind.EVALUATE, tags.CHECKPOINT: str(checkpoint), tags.GIT_COMMIT: git_commit(),
+              tags.SOURCE_RUN: meta.get("mlflow_run_id", "")})
     try:
         report = evaluate_robustness(model, data.test, attacks, seed=args.seed, max_examples=examples,
                                      cascade=not args.no_cascade, num_classes=data.num_classes,

@@ -122,8 +122,9 @@ def load(args) -> tuple[StudyFile, dict[str, Any], str]:
             raise FileNotFoundError(f"{flag}: no study {name!r} in {searched(args, study)}; run the command in the "
                                     f"directory the study ran in, or start it without {flag}")
         launch = reconcile(launch, started, name)
-        overrides = {**launch["overrides"], **{p: v for p, v in overrides.items() if p in LOCATIONS}}
-        study = load_study(args.config, overrides, launch.get("origins"))
+        recorded = {**launch["overrides"], **{p: v for p, v in overrides.items() if p in LOCATIONS}}
+        if recorded != overrides:  # the study started with other flags: read the config once more with those
+            study = load_study(args.config, recorded, launch.get("origins"))
     if launch["smoke"]:
         study = smoke_study(study)
     return study, launch, name

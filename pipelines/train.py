@@ -20,6 +20,7 @@ from pathlib import Path
 
 from orchestrator.config.experiment import ExperimentConfig, smoke_experiment
 from orchestrator.config.loader import load_config, parse_set, settings_text
+from orchestrator.record import tags
 from pipelines._common import (
     Parser,
     Timer,
@@ -105,8 +106,8 @@ def _main(argv: list[str] | None) -> int:
                  run_id)
     else:
         run_id = tracker.start_run(name, tags={
-            "nslab.kind": "train", "git_commit": git_commit(), "config_hash": config_hash(config),
-            "checkpoint": str(checkpoint), "nslab.config_path": str(Path(args.config).resolve())})
+            tags.KIND: tags.Kind.TRAIN, tags.GIT_COMMIT: git_commit(), tags.CONFIG_HASH: config_hash(config),
+            tags.CHECKPOINT: str(checkpoint), tags.CONFIG_PATH: str(Path(args.config).resolve())})
     timer = Timer()
 
     def on_epoch(metrics: dict, trainer, final: bool) -> None:

@@ -114,7 +114,7 @@ def test_train_then_evaluate_smoke(tmp_path, capsys):
     assert "worst_case" in result.stdout and "top-5 neurons" in result.stdout and "masking checks" in result.stdout
     tracker = Tracker(uri, "nslab")
     (run,) = tracker.find_runs("tags.`nslab.kind` = 'train'")
-    assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == str(checkpoint)
+    assert run.info.status == "FINISHED" and run.data.tags["nslab.checkpoint"] == str(checkpoint)
     artifacts = tracker.list_artifacts(run.info.run_id, "sensitivity")
     assert {"sensitivity/epoch_001.parquet", "sensitivity/epoch_002.parquet", "sensitivity/final_test.parquet"} <= set(
         artifacts)
@@ -128,7 +128,7 @@ def test_train_then_evaluate_smoke(tmp_path, capsys):
     assert table.schema.equals(EVAL_SCHEMA) and table.column("n").to_pylist() == [64] * 5
     assert pq.read_table(tmp_path / "eval" / "checks.parquet").schema.equals(CHECK_SCHEMA)
     (evaluation,) = tracker.find_runs("tags.`nslab.kind` = 'evaluate'")
-    assert evaluation.data.tags["source_run_id"] == run.info.run_id and evaluation.info.status == "FINISHED"
+    assert evaluation.data.tags["nslab.source_run_id"] == run.info.run_id and evaluation.info.status == "FINISHED"
     assert tracker.read_table(evaluation.info.run_id, "eval/robust_accuracy.parquet").num_rows == 5
     assert "eval.flags" in evaluation.data.tags
 
