@@ -38,7 +38,7 @@ def verdicts(local_ray, ray_head, tmp_path_factory):
                        "eval": {"attacks": [{"name": "fgsm", "eps": 0.2}, {"name": "pgd", "eps": 0.2, "steps": 5}],
                                 "examples": None}},
         "baseline": {"method": "standard"},
-        "confirm": {"seeds": 1, "max_seeds": 3},
+        "confirm": {"seeds": 1, "max_seeds": 4},  # the interval counts 128 test examples too: up to 4 seeds
         "tracking": {"experiment": "sequential"}, "storage": {"ray": str(tmp / "ray")}}))
     out = {}
     uri = f"sqlite:///{tmp / 'contiguous' / 'mlflow.db'}"
@@ -64,10 +64,20 @@ def test_confirmation_adds_seeds_until_the_answer_is_decided(verdicts):
     parent, uri = verdicts["contiguous"]
     table = Tracker(uri, "sequential").read_table(parent.info.run_id, "study/confirmation.parquet").to_pylist()
     seeds = sorted({r["seed"] for r in table})
-    assert seeds in ([1, 2], [1, 2, 3]) and len(table) == 2 * len(seeds)  # one seed first, then one per round
+    assert seeds in ([1, 2], [1, 2, 3], [1, 2, 3, 4]) and len(table) == 2 * len(seeds)  # one seed, then one a round
     assert all(r["robust_diff"] > 0.1 for r in table if r["configuration"] == "sns")  # a gap of tens of points
     verdict = parent.data.tags["mlflow.note.content"]
     assert f"SNS beats STANDARD after {len(seeds)} seeds" in verdict
+    tracker = Tracker(uri, "sequential")  # every confirmation run logged its per-example outcome: the interval uses it
+    runs = [r for r in tracker.children(parent.info.run_id) if r.data.tags.get("nslab.role") == "confirm"]
+    assert len(runs) == len(table)
+    for run in runs:
+        examples = tracker.read_table(run.info.run_id, "confirm/examples.parquet")
+        assert examples.column_names == ["configuration", "seed", "example", "clean_correct", "robust_correct",
+                                         "broken_by"]
+        assert examples.num_rows == 128 and examples.column("robust_correct").to_pylist().count(True) == round(
+            128 * run.data.metrics["test/robust_acc"])
+    assert "test examples ±" in verdict and "not recorded" not in verdict
     assert "SNS, tuned over 1 trial, vs an untuned STANDARD baseline" in verdict
 
 
