@@ -13,8 +13,9 @@ the model runs in eval mode and gets its modes back; no gradient reaches its par
 via `torch.autograd.grad`); a `generator` makes random starts repeatable; eps=0 returns x exactly. Per
 step: one forward, one input gradient, no host-device sync. Ours: fgsm, fgsm_rs (FGSM from a random
 start, the attack of "fast" adversarial training), pgd (linf / l2, restarts, ce / cw loss), mim,
-cw_linf, and feature_pgd (the adaptive attack on SNS: cross-entropy plus the change of the watched
-layers' activations). AutoAttack's stages come from its reference code (ns_core/autoattack.py).
+cw_linf, feature_pgd (the adaptive attack on SNS: cross-entropy plus the change of the watched layers'
+activations) and cas_pgd (the adaptive attack on CAS: cross-entropy plus its channel heads' cross-entropy).
+AutoAttack's stages come from its reference code (ns_core/autoattack.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ns_core import autoattack
+from ns_core.cas import cas_forward, cas_heads, heads_cross_entropy
 from ns_core.registry import Registry
 from ns_core.sensitivity import ActivationCapture
 from ns_core.utils import eval_mode, frozen_parameters
@@ -398,6 +400,45 @@ def feature_pgd(
         for _ in range(restarts):
             start = start_point(x, eps, norm, generator)
             for loss_fn in (feature_loss, ce_loss):
+                runs.append(lambda start=start, loss_fn=loss_fn: projected_ascent(
+                    model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn))
+        return _best_of(model, x, y, ce_loss, runs)
+
+
+@ATTACKS.register("cas_pgd")
+def cas_pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    alpha: float | None = None,
+    steps: int = 10,
+    norm: str = "linf",
+    restarts: int = 1,
+    beta: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The adaptive attack on channel-wise activation suppressing (ns_core/cas.py): PGD on cross-entropy + beta x
+    the mean cross-entropy of the CAS heads of the same test-time forward (CAS's own loss). At test time each CAS
+    layer keeps the channels of the class its head predicts, an argmax that passes no gradient, so cross-entropy
+    alone cannot see the mask turn; pushing the heads off the label turns it. From each random start it also
+    runs plain cross-entropy PGD and keeps, per example, whichever run fools the model (else the higher loss),
+    so it is never weaker than `pgd` at its budget (2 x steps passes per restart). Without CAS: `pgd`, draw for
+    draw."""
+    if cas_heads(model) is None:
+        return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, restarts=restarts, generator=generator)
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    x = x.detach()
+    with eval_mode(model), frozen_parameters(model), cas_forward(model) as head_logits:
+
+        def cas_loss(logits: Tensor, y_: Tensor) -> Tensor:  # (N,), the heads' logits of the same forward
+            return ce_loss(logits, y_) + beta * heads_cross_entropy(head_logits, y_)
+
+        runs = []
+        for _ in range(restarts):  # the starts pgd draws, in its order
+            start = start_point(x, eps, norm, generator)
+            for loss_fn in (cas_loss, ce_loss):
                 runs.append(lambda start=start, loss_fn=loss_fn: projected_ascent(
                     model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn))
         return _best_of(model, x, y, ce_loss, runs)

@@ -18,7 +18,8 @@ global state), which also hands back the heads' logits for the CAS loss:
     model.eval(); model(x)                                  # test time: the predicted label's mask
 
 A train-mode forward outside `cas_forward` raises: it has no label to suppress with. The CAS loss itself
-(PGD-AT + beta x the heads' mean cross-entropy) is the `cas` objective (ns_core/objectives.py).
+(PGD-AT + beta x the heads' mean cross-entropy) is the `cas` objective (ns_core/objectives.py); its
+adaptive attack, `cas_pgd` (ns_core/attacks.py), ascends the same loss on the test-time forward.
 
 Layers: those given, else the LAST of the layers nslab studies in the model (its `default_layers`, else the
 proposed ones: `ns_core.models.studied_layers`), where the paper puts CAS (its ResNet-18: the last stage's
@@ -35,6 +36,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ns_core.models import INPUT_SHAPE_ATTR, studied_layers
@@ -139,6 +141,12 @@ def install_cas(model: nn.Module, num_classes: int, layers: Sequence[str] | None
     for name in names:
         modules[name].register_forward_hook(_Suppress(heads, name))
     return heads
+
+
+def heads_cross_entropy(head_logits: dict[str, Tensor], y: Tensor) -> Tensor:
+    """The CAS heads' mean cross-entropy per example (N,): the term CAS adds to its adversary's loss and that
+    its adaptive attack (ns_core.attacks.cas_pgd) ascends."""
+    return sum(F.cross_entropy(h, y, reduction="none") for h in head_logits.values()) / len(head_logits)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from ns_core import autoattack
 from ns_core.attacks import Attack
 from ns_core.utils import make_generator
 
-GRADIENT_ATTACKS = ("fgsm", "fgsm_rs", "pgd", "mim", "cw_linf", "feature_pgd", "apgd_ce", "apgd_t", "fab_t",
+GRADIENT_ATTACKS = ("fgsm", "fgsm_rs", "pgd", "mim", "cw_linf", "feature_pgd", "cas_pgd", "apgd_ce", "apgd_t", "fab_t",
                     "autoattack")
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ns_core.attacks import Attack, projected_ascent, start_point
-from ns_core.cas import cas_forward, cas_layers, install_cas
+from ns_core.cas import cas_forward, cas_layers, heads_cross_entropy, install_cas
 from ns_core.models import studied_layers
 from ns_core.registry import Registry
 from ns_core.sensitivity import ActivationCapture, SensitivityMap, measure_sensitivity
@@ -344,8 +344,7 @@ class CAS(Objective):
         with eval_mode(model), frozen_parameters(model), cas_forward(model) as head_logits:
 
             def cas_loss(logits: Tensor, y_: Tensor) -> Tensor:  # per example (N,), heads from the same forward
-                heads = sum(F.cross_entropy(h, y_, reduction="none") for h in head_logits.values()) / len(head_logits)
-                return F.cross_entropy(logits, y_, reduction="none") + self.beta * heads
+                return F.cross_entropy(logits, y_, reduction="none") + self.beta * heads_cross_entropy(head_logits, y_)
 
             start = start_point(x, attack.eps, attack.norm, generator)
             return projected_ascent(model, x, y, start, eps=attack.eps, alpha=alpha, steps=steps, norm=attack.norm,

@@ -33,6 +33,7 @@ import yaml
 from torch import nn
 
 from ns_core.attacks import Attack
+from ns_core.cas import cas_heads, cas_layers
 from ns_core.data import DatasetSplits, load_dataset
 from ns_core.evaluation import RobustnessReport, evaluate_robustness
 from ns_core.models import create_model, studied_layers
@@ -70,11 +71,14 @@ def _load_data(name, root, download, val_size, data_seed, train_limit, test_limi
 
 @dataclass
 class Preflight:
-    """What a run will use, found before it starts: its data, and the layers it studies (proposed or given)."""
+    """What a run will use, found before it starts: its data, the layers it studies (proposed or given), and a
+    CAS run's CAS layers."""
 
     data: DatasetSplits
     layers: list[str]
     source: str  # "the config's", "the model's" (its default_layers) or "proposed"
+    cas_layers: list[str] | None = None  # a CAS run's: the config's cas.layers, else the last studied layer
+    cas_source: str | None = None  # "the config's" or "the last studied layer; ..."
 
     @property
     def proposed(self) -> bool:
@@ -82,14 +86,17 @@ class Preflight:
 
     def describe(self) -> str:
         how = "proposed by nslab (set sns.layers to choose)" if self.proposed else self.source
+        cas = f"; CAS on {self.cas_layers} ({self.cas_source})" if self.cas_layers is not None else ""
         return (f"data {len(self.data.train)} train / {len(self.data.val)} validation / {len(self.data.test)} test, "
-                f"input {tuple(self.data.input_shape)}, {self.data.num_classes} classes; layers {self.layers} ({how})")
+                f"input {tuple(self.data.input_shape)}, {self.data.num_classes} classes; layers {self.layers} ({how})"
+                + cas)
 
 
 def preflight(config: ExperimentConfig) -> Preflight:
     """Everything that can fail before a run starts, each a one-line error before any MLflow run exists: the
     dataset files, the model factory (built and run on a dummy batch), and the layers the objective watches and
-    feature_pgd attacks (they exist and run once per forward; proposed when the config and model name none)."""
+    feature_pgd attacks (they exist and run once per forward; proposed when the config and model name none),
+    and CAS's layers (cas.layers, else the last studied layer)."""
     data = load_data(config)
     model = create_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
     layers = config.objective().watched_layers(model)
@@ -98,7 +105,10 @@ def preflight(config: ExperimentConfig) -> Preflight:
             studied_layers(model, list(attack.layers))
     source = ("the config's" if config.method == "sns" and config.sns.layers
               else "the model's" if getattr(model, "default_layers", None) else "proposed")
-    return Preflight(data, list(layers), source)
+    if config.method != "cas":
+        return Preflight(data, list(layers), source)
+    cas_source = "the config's" if config.cas.layers else "the last studied layer; set cas.layers to choose"
+    return Preflight(data, list(layers), source, cas_layers(model, config.cas.layers), cas_source)
 
 
 def build_trainer(config: ExperimentConfig, data: DatasetSplits | None = None) -> Trainer:
@@ -135,13 +145,37 @@ def resolved_params(config: ExperimentConfig, trainer: Trainer) -> dict[str, Any
 
 def final_suite(config: ExperimentConfig, model: nn.Module, attacks: Sequence[Attack] | None = None) -> list[Attack]:
     """The final attacks (`attacks`, else the experiment's), feature_pgd aimed at the layers the experiment's
-    objective watches in `model` (SNS: its sns.layers; other methods: the studied layers). The one place
-    feature_pgd's layers are chosen."""
+    objective watches in `model` (SNS: its sns.layers; other methods: the studied layers), and on a CAS model
+    its adaptive attack cas_pgd at every threat model, whatever the suite lists (`with_cas_pgd`). The one place
+    feature_pgd's layers are chosen and cas_pgd is added."""
     suite = list(attacks) if attacks is not None else config.final_suite()
+    if cas_heads(model) is not None:
+        suite = with_cas_pgd(suite)
     if not any(a.name == "feature_pgd" and a.layers is None for a in suite):
         return suite
     watched = tuple(config.objective().watched_layers(model))
     return [a.replace(layers=watched) if a.name == "feature_pgd" and a.layers is None else a for a in suite]
+
+
+def with_cas_pgd(suite: Sequence[Attack]) -> list[Attack]:
+    """`suite` with cas_pgd at each threat model that has none: right after its first pgd with pgd's budget, else
+    at the end with 20 steps. CAS's test-time masks hide the cross-entropy's gradient (docs/evaluation.md), so a
+    CAS model is not evaluated without the attack on its own loss."""
+    covered = {a.threat_model for a in suite if a.name == "cas_pgd"}
+    out: list[Attack] = []
+    for attack in suite:
+        out.append(attack)
+        if attack.name == "pgd" and attack.threat_model not in covered:
+            out.append(Attack("cas_pgd", attack.eps, norm=attack.norm, steps=attack.steps_used, alpha=attack.alpha,
+                              restarts=attack.restarts))
+            covered.add(attack.threat_model)
+    for norm, eps in dict.fromkeys(a.threat_model for a in suite):
+        if (norm, eps) not in covered:
+            out.append(Attack("cas_pgd", eps, norm=norm, steps=20))
+    if len(out) > len(suite):
+        log.info("CAS model: its adaptive attack joins the final suite: %s",
+                 ", ".join(a.label for a in out if a.name == "cas_pgd" and a not in suite))
+    return out
 
 
 def evaluate_final(config: ExperimentConfig, trainer: Trainer, data: DatasetSplits, attacks: list[Attack] | None = None,

@@ -175,7 +175,7 @@ def test_cw_margin_loss():
 
 @pytest.mark.parametrize(
     ("make", "match"),
-    [(lambda: Attack("pgdd", 0.1), "choose one of: apgd_ce, apgd_t, autoattack, cw_linf"),
+    [(lambda: Attack("pgdd", 0.1), "choose one of: apgd_ce, apgd_t, autoattack, cas_pgd, cw_linf"),
      (lambda: Attack("fgsm", 0.1, steps=3), "single-step attack"),
      (lambda: Attack("pgd", 0.1, norm="l1"), "choose one of: linf, l2"),
      (lambda: Attack("mim", 0.1, norm="l2"), "linf only"),

@@ -153,8 +153,8 @@ class TrainBlock(Strict):
 
 
 class EvalBlock(Strict):
-    """The final evaluation on the test split. attacks None: FGSM, PGD-20, feature_pgd (SNS models) and
-    AutoAttack at the training attack's norm and eps (as is any listed attack that leaves them out)."""
+    """The final evaluation on the test split. attacks None: FGSM, PGD-20, feature_pgd (SNS models), cas_pgd (CAS
+    models) and AutoAttack at the training attack's norm and eps (as is any listed attack that leaves them out)."""
 
     attacks: list[EvalAttack] | None = Field(None, min_length=1)
     examples: int | None = Field(None, ge=1)  # None: the whole test split
@@ -268,6 +268,8 @@ class ExperimentConfig(Strict):
         suite.append(Attack("pgd", eps, norm=norm, steps=20))
         if self.method == "sns":  # its layers: the watched ones, chosen by orchestrator.run.final_suite
             suite.append(Attack("feature_pgd", eps, norm=norm, steps=20))
+        if self.method == "cas":  # its argmax masks hide the cross-entropy's gradient (docs/evaluation.md)
+            suite.append(Attack("cas_pgd", eps, norm=norm, steps=20))
         return [*suite, Attack("autoattack", eps, norm=norm)]
 
 
