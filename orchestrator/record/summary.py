@@ -114,7 +114,10 @@ def study_markdown(study: StudyFile, outcome) -> str:
              "verdict on the test split, paired by seed (above).", ""]
     if verdicts:
         lines += ["Accuracies in percent, differences (Δ) in percentage points; ± is the standard deviation of the "
-                  "per-seed differences over seeds; the 95% CI is that of their mean; P(better) the share of "
+                  "per-seed differences over seeds; the 95% CI is that of their mean, counting the seeds and the test "
+                  "examples (each source's ± beside it) and holding at every look of the sequential design, under "
+                  "Holm where there are several comparisons (docs/studies.md, \"How sure a verdict is\"); "
+                  "P(better) the share of "
                   "paired-bootstrap resamples of the seeds whose mean difference is above 0.", ""]
     if confirmation is not None:
         lines += ["## Confirmation", ""]
