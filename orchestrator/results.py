@@ -113,7 +113,8 @@ def mean_std(mean: Any, std: Any, scale: float = 100.0, digits: int = 1) -> str:
 
 def verdict_sentence(what: str, name: str, baseline: str, robust: PairedDifference, clean: PairedDifference | None,
                      *, robust_name: str, margin: float, left_out: Mapping[int, str] | None = None,
-                     decision: Decision | None = None, sources: bool = False) -> str:
+                     decision: Decision | None = None, sources: bool = False, unit: str = "seed",
+                     basis: str = "") -> str:
     """One line a reviewer reads: what was compared, the paired robust difference with its spread, interval and
     bootstrap probability, the clean cost, and the decision in words, whichever way it goes. e.g.
 
@@ -122,18 +123,21 @@ def verdict_sentence(what: str, name: str, baseline: str, robust: PairedDifferen
 
     `decision`: the one a sequential confirmation took (default: decide() at these seeds); `sources`: say how wide
     the seeds and the test examples each make the interval ('seeds ±0.9, test examples ±0.6'), or that the
-    test examples were not recorded (docs/studies.md, "How sure a verdict is")."""
-    missing = "".join(f"; seed {seed} left out: {why}" for seed, why in sorted((left_out or {}).items()))
+    test examples were not recorded (docs/studies.md, "How sure a verdict is"). `unit`: what the differences are
+    paired by ("seed"; "search" for a replicated study's verdict over its searches); `basis`: what the verdict
+    rests on, said after the decision ("rests on one search (...)")."""
+    missing = "".join(f"; {unit} {seed} left out: {why}" for seed, why in sorted((left_out or {}).items()))
     if robust.n == 0:
-        return f"{what}: no seed finished for both; no verdict{missing}"
+        return f"{what}: no {unit} finished for both; no verdict{missing}"
     low, high = robust.ci95
     interval = f", 95% CI {points(low)} to {points(high)}{interval_notes(robust, sources)}" if finite(low) else ""
     spread = f" ± {points(robust.std, sign=False)}" if finite(robust.std) else ""
     improve = probability_of_improvement(robust)
     clean_part = f", {points(clean.mean)} clean" if clean is not None and clean.n else ""
-    return (f"{what}: {points(robust.mean)}{spread} {robust_name} points ({robust.wins}/{robust.n} seeds{interval}, "
-            f"P({name} better) {improve:.2f}{'; ± = sd over seeds' if spread else ''}){clean_part}: "
-            f"{decision_words(robust, margin, name, baseline, decision)}{missing}")
+    sd = f"; ± = sd over {plural(unit)}" if spread else ""
+    return (f"{what}: {points(robust.mean)}{spread} {robust_name} points ({robust.wins}/{robust.n} {plural(unit)}"
+            f"{interval}, P({name} better) {improve:.2f}{sd}){clean_part}: "
+            f"{decision_words(robust, margin, name, baseline, decision, unit)}{f'; {basis}' if basis else ''}{missing}")
 
 
 def interval_notes(robust: PairedDifference, sources: bool) -> str:
@@ -155,14 +159,19 @@ def interval_notes(robust: PairedDifference, sources: bool) -> str:
 
 
 def count(n: int, noun: str) -> str:
-    """'1 seed', '3 seeds'."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    """'1 seed', '3 seeds', '2 searches'."""
+    return f"{n} {noun if n == 1 else plural(noun)}"
+
+
+def plural(noun: str) -> str:
+    """'seeds', 'searches'."""
+    return f"{noun}es" if noun.endswith(("s", "sh", "ch", "x")) else f"{noun}s"
 
 
 def decision_words(robust: PairedDifference, margin: float, name: str, baseline: str,
-                   decision: Decision | None = None) -> str:
+                   decision: Decision | None = None, unit: str = "seed") -> str:
     decision = decision or decide(robust, margin)
-    n, m = count(robust.n, "seed"), points(margin, sign=False)
+    n, m = count(robust.n, unit), points(margin, sign=False)
     if decision == Decision.BEATS:
         small = f", by less than the ±{m}-point margin" if robust.ci95[1] < margin else ""
         return f"{name} beats {baseline} after {n}{small}"
@@ -171,7 +180,7 @@ def decision_words(robust: PairedDifference, margin: float, name: str, baseline:
     if decision == Decision.EQUIVALENT:
         return f"{name} is equivalent to {baseline} within ±{m} points after {n}"
     if robust.n < 2:
-        return f"undecided after {n} (one seed has no interval)"
+        return f"undecided after {n} (one {unit} has no interval)"
     needed = seeds_needed(robust)
     if needed is not None:
         return f"undecided after {n}; about {needed - robust.n} more would decide an effect of this size"

@@ -83,3 +83,44 @@ def test_a_study_run_twice_runs_the_same_trials_stops_the_same_ones_and_prints_t
     assert [{k: r.get(k) for k in keep} for r in confirm_1] == [{k: r.get(k) for k in keep} for r in confirm_2]
     verdicts = [[c.verdict() for c in outcome.confirmation.comparisons] for outcome in (first, second)]
     assert verdicts[0] and verdicts[0] == verdicts[1]
+
+
+@pytest.fixture(scope="module")
+def replicated(local_ray, tmp_path_factory):
+    from orchestrator.config.study import load_study
+    from orchestrator.study.driver import run_study
+
+    tmp = tmp_path_factory.mktemp("replicated")
+    study = load_study(TINY_STUDY, {"study.replicates": 2, "study.trials": 2, "study.replicate_data": True,
+                                    "confirm.max_seeds": 2, "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}",
+                                    "storage.ray": str(tmp / "ray")})
+    outcome = run_study(study, "replicated")
+    return study, outcome, Tracker(study.tracking.uri, study.tracking.experiment)
+
+
+@pytest.mark.slow
+def test_replicated_searches_confirm_each_ones_choices_and_the_verdict_rests_on_the_searches(replicated, tmp_path):
+    from orchestrator.record import tags
+
+    study, outcome, tracker = replicated
+    assert [(r["replicate"], r["label"]) for r in outcome.rows] == [
+        (1, "r1-baseline"), (1, "r1-sns-01"), (1, "r1-sns-02"), (2, "r2-baseline"), (2, "r2-sns-01"), (2, "r2-sns-02")]
+    confirmation = outcome.confirmation
+    assert [(c.name, c.replicate) for c in confirmation.configurations] == [
+        ("r1-baseline", 1), ("r1-sns", 1), ("r2-baseline", 2), ("r2-sns", 2)]
+    table = tracker.read_table(outcome.parent_run_id, "study/confirmation.parquet").to_pylist()
+    assert sorted((r["replicate"], r["configuration"], r["seed"]) for r in table) == [
+        (1, "r1-baseline", 1), (1, "r1-baseline", 2), (1, "r1-sns", 1), (1, "r1-sns", 2),
+        (2, "r2-baseline", 1), (2, "r2-baseline", 2), (2, "r2-sns", 1), (2, "r2-sns", 2)]
+    assert len(confirmation.per_search) == 2 and all(c.searches == 2 for c in confirmation.per_search)
+    [verdict] = confirmation.comparisons
+    assert verdict.unit == "search" and verdict.robust.seeds == (1, 2)
+    assert verdict.robust.differences == tuple(c.robust.mean for c in confirmation.per_search)
+    assert "/2 searches" in verdict.verdict() and "; rests on 2 searches, each one's choices confirmed on its " \
+        "seeds" in verdict.verdict()
+    runs = tracker.children(outcome.parent_run_id)
+    assert {r.data.tags.get(tags.REPLICATE) for r in runs} == {"1", "2"}  # every run grouped by its search
+    assert all(r.data.params["replicate"] == r.data.tags[tags.REPLICATE] for r in runs)
+    for run in runs:  # study.replicate_data: the second search chose on its own validation split
+        resolved = yaml.safe_load(tracker.download(run.info.run_id, "config/resolved.yaml", tmp_path).read_text())
+        assert resolved["data.data_seed"] == int(run.data.tags[tags.REPLICATE]) - 1

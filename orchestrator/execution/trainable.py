@@ -77,6 +77,8 @@ def train_trial(settings: TrialSettings) -> None:
                     tags.OVERRIDES: json.dumps(dict(settings.overrides))}
         if settings.arm:
             run_tags[tags.ARM] = settings.arm
+        if settings.replicate is not None:  # a replicated study's runs, grouped by the search that chose them
+            run_tags[tags.REPLICATE] = str(settings.replicate)
         run_id = tracker.start_run(settings.label, parent_run_id=record.parent_run_id, tags=run_tags)
     tracker.set_tags(run_id, {tags.CHECKPOINT_DIR: persistent_trial_dir(context),
                               tags.DEVICE: "cuda" if torch.cuda.is_available() else "cpu",

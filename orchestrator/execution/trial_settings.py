@@ -108,9 +108,12 @@ class TrialSettings:
         return validate(ExperimentConfig, self.experiment_json(), source=f"trial {self.label}")
 
     def run_params(self) -> dict[str, Any]:
-        """The MLflow params of its run: what tells it apart from its siblings (its arm, its searched values and
-        seed, rounded to what they carry); the constant settings are on the parent run."""
+        """The MLflow params of its run: what tells it apart from its siblings (its arm, its search in a replicated
+        study, its searched values and seed, rounded to what they carry); the constant settings are on the parent
+        run."""
         params: dict[str, Any] = {"arm": self.arm} if self.arm else {}
+        if self.replicate is not None:
+            params["replicate"] = self.replicate
         if self.role in (Role.CONFIRM, Role.METHOD):
             params["train.seed"] = self.seed
         for path, value in self.overrides.items():

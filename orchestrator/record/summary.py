@@ -119,6 +119,9 @@ def study_markdown(study: StudyFile, outcome) -> str:
                   "Holm where there are several comparisons (docs/studies.md, \"How sure a verdict is\"); "
                   "P(better) the share of "
                   "paired-bootstrap resamples of the seeds whose mean difference is above 0.", ""]
+    if confirmation is not None and confirmation.per_search:
+        lines += ["Each search's own comparison (its choices, paired by seed):", ""]
+        lines += [f"- {c.verdict()}" for c in confirmation.per_search] + [""]
     if confirmation is not None:
         lines += ["## Confirmation", ""]
         lines += _table(["configuration", "seed", "clean %", "robust %", "Δ robust", "Δ clean", "status"], [
@@ -247,7 +250,11 @@ def console_text(study: StudyFile, outcome) -> str:
         out.append(confirmation.text())
     out.append(f"\nMLflow parent run {outcome.parent_run_id}; Ray results {outcome.experiment_path}")
     out.append(f"open the MLflow UI:  {outcome.ui_command}")
+    if confirmation is not None and confirmation.per_search:
+        out.append("\neach search's own comparison (test split, paired by seed):")
+        out += [f"  {c.verdict()}" for c in confirmation.per_search]
     if confirmation is not None and confirmation.comparisons:
-        out.append("\nverdict (test split, paired by seed):")
+        unit = confirmation.comparisons[0].unit
+        out.append(f"\nverdict (test split, {'one difference per search' if unit == 'search' else 'paired by seed'}):")
         out += [f"  {c.verdict()}" for c in confirmation.comparisons]
     return "\n".join(out)

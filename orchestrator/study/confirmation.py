@@ -51,6 +51,7 @@ class Configuration:
     arm: Arm
     overrides: dict[str, Any]  # the chosen trial's searched values
     search_label: str  # the search trial it came from, e.g. "sns-07"
+    replicate: int | None = None  # the search it was chosen by (a replicated study: "r2-sns" of search 2)
 
     def describe(self) -> str:
         """'sns-07: lam=1.62 fraction=0.483 lr=0.002 schedule=cosine' (the searched values, short names)."""
@@ -72,6 +73,8 @@ class Comparison:
     margin: float
     left_out: dict[int, str] = field(default_factory=dict)  # seed -> why it is not in the comparison
     decision: Decision = Decision.UNDECIDED  # judged at each look (sequential.judge); kept from the deciding one
+    unit: str = "seed"  # what the differences pair: "search" for a replicated study's verdict (replicates.py)
+    searches: int = 1  # how many searches chose the configurations it compares
 
     def what(self) -> str:
         """'SNS, tuned over 8 trials, vs PGD-AT, tuned over 8 trials' (an untuned baseline says so)."""
@@ -79,10 +82,15 @@ class Comparison:
         return f"{self.configuration.arm.describe()}{rank}, vs {self.baseline.arm.describe()}"
 
     def verdict(self) -> str:
+        """The verdict sentence, and what it rests on: one search (the choice a rerun of the search might not
+        make again), or every replicate's choices confirmed, one difference per search."""
+        if self.unit == "search":
+            basis = f"rests on {count(self.searches, 'search')}, each one's choices confirmed on its seeds"
+        else:
+            basis = "rests on one search (variation between searches not measured)" if self.searches == 1 else ""
         return verdict_sentence(self.what(), self.configuration.arm.title, self.baseline.arm.title, self.robust,
-                                self.clean,
-                                robust_name=self.robust_name, margin=self.margin, left_out=self.left_out,
-                                decision=self.decision, sources=True)
+                                self.clean, robust_name=self.robust_name, margin=self.margin, left_out=self.left_out,
+                                decision=self.decision, sources=self.unit == "seed", unit=self.unit, basis=basis)
 
     def summary(self) -> dict[str, Any]:
         low, high = self.robust.ci95
@@ -105,6 +113,7 @@ class Confirmation:
     configurations: list[Configuration]
     seeds: list[int]
     rounds: int
+    per_search: list[Comparison] = field(default_factory=list)  # a replicated study: each search's comparisons
 
     def table(self) -> pa.Table:
         return rows_table(self.rows)
@@ -136,18 +145,24 @@ def _note(row: dict) -> str:
 
 def choose(study: StudyFile, rows: list[dict], pareto: list[bool]) -> list[Configuration]:
     """The control arm's best and every other arm's top_k (or Pareto front), completed trials only, by the
-    primary objective on validation."""
+    primary objective on validation; in a replicated study, each search's own (named "r2-sns", ...)."""
     metric, mode = study.study.objectives[0].metric, study.study.objectives[0].mode
     chosen = []
-    for arm in study.arm_list():
-        done = [r for r in rows if r["arm"] == arm.name and r["status"] == Status.COMPLETE and finite(r.get(metric))]
-        ranked = sorted(done, key=lambda r: r[metric], reverse=mode == "max")
-        is_method = arm.name != study.control_arm
-        if is_method and study.confirm.pareto:
-            ranked = [r for r, on in zip(rows, pareto, strict=True) if on and r["arm"] == arm.name]
-        for i, row in enumerate(ranked[:study.confirm.top_k if is_method else 1], start=1):
-            overrides = {p: row[f"param.{p}"] for p in arm.space if row.get(f"param.{p}") is not None}
-            chosen.append(Configuration(arm.name if i == 1 else f"{arm.name}-{i}", arm, overrides, row["label"]))
+    for replicate in sorted({r.get("replicate") or 1 for r in rows}) if study.study.replicates > 1 else [None]:
+        mine = [r for r in rows if replicate is None or r.get("replicate") == replicate]
+        front = [on for r, on in zip(rows, pareto, strict=True) if replicate is None or r.get("replicate") == replicate]
+        prefix = f"r{replicate}-" if replicate is not None else ""
+        for arm in study.arm_list(replicate):
+            done = [r for r in mine if r["arm"] == arm.name and r["status"] == Status.COMPLETE
+                    and finite(r.get(metric))]
+            ranked = sorted(done, key=lambda r: r[metric], reverse=mode == "max")
+            is_method = arm.name != study.control_arm
+            if is_method and study.confirm.pareto:
+                ranked = [r for r, on in zip(mine, front, strict=True) if on and r["arm"] == arm.name]
+            for i, row in enumerate(ranked[:study.confirm.top_k if is_method else 1], start=1):
+                overrides = {p: row[f"param.{p}"] for p in arm.space if row.get(f"param.{p}") is not None}
+                name = f"{prefix}{arm.name}" if i == 1 else f"{prefix}{arm.name}-{i}"
+                chosen.append(Configuration(name, arm, overrides, row["label"], replicate))
     return chosen
 
 
@@ -167,8 +182,15 @@ def run_confirmation(study: StudyFile, rows: list[dict], pareto: list[bool], rec
                       callbacks=[TrialLog(record.tracking_uri, record.mlflow_experiment,
                                           ["test/clean_acc", "test/robust_acc"], phase="confirm")])
     results = confirmation_rows(study, [TrialOutcome.of_result(result) for result in grid])
-    return summarize(study, results, configurations, rounds_of(study, len({r["seed"] for r in results}),
-                                                               len(configurations)), read_examples(record, results))
+    confirmation = summarize(study, results, configurations, rounds_of(study, len({r["seed"] for r in results}),
+                                                                       len(configurations)),
+                             read_examples(record, results))
+    if study.study.replicates > 1:  # the verdict's unit becomes the search; each search's own comparisons kept
+        from orchestrator.study.replicates import across_searches
+
+        confirmation.per_search = confirmation.comparisons
+        confirmation.comparisons = across_searches(study, confirmation.per_search)
+    return confirmation
 
 
 def design_summary(study: StudyFile, path: str) -> str:
@@ -187,12 +209,13 @@ def design_summary(study: StudyFile, path: str) -> str:
 def observed_spread(study: StudyFile, rows: list[dict]) -> tuple[float, str] | None:
     """(the largest standard deviation over seeds of a configuration's robust difference from the control, in
     points; where it came from), or None before two seeds of a comparison finished."""
-    control = {r["seed"]: r["test_robust_acc"] for r in rows
+    control = {(r.get("replicate"), r["seed"]): r["test_robust_acc"] for r in rows
                if r["arm"] == study.control_arm and r["test_robust_acc"] is not None}
     differences: dict[str, list[float]] = {}
     for r in rows:
-        if r["arm"] != study.control_arm and r["test_robust_acc"] is not None and r["seed"] in control:
-            differences.setdefault(r["configuration"], []).append(r["test_robust_acc"] - control[r["seed"]])
+        key = (r.get("replicate"), r["seed"])  # paired within its search
+        if r["arm"] != study.control_arm and r["test_robust_acc"] is not None and key in control:
+            differences.setdefault(r["configuration"], []).append(r["test_robust_acc"] - control[key])
     spreads = [(statistics.stdev(d), len(d)) for d in differences.values() if len(d) > 1]
     if not spreads:
         return None
@@ -226,7 +249,7 @@ def plan_round(study: StudyFile, configurations: list[Configuration], record: Re
                           record=record, overrides={**conf.overrides, "train.seed": seed + shift[conf.name]},
                           arm=conf.arm.name, evaluate=True, final_suite=suites[conf.name],
                           examples=study.confirm.examples, configuration=conf.name,
-                          objective=study.study.objectives[0].metric)
+                          objective=study.study.objectives[0].metric, replicate=conf.replicate)
             for seed in seeds for conf in running]
 
 
@@ -276,8 +299,8 @@ def confirmation_row(outcome: TrialOutcome) -> dict[str, Any]:
     settings, ok = outcome.settings, outcome.ok
     kind = failure_kind(outcome.error) if outcome.error else None
     flags = outcome.metric("test/flags")
-    return {"configuration": settings.configuration, "arm": settings.arm, "seed": settings.seed,
-            "label": settings.label, "status": str(outcome.status),
+    return {"configuration": settings.configuration, "replicate": settings.replicate or 1, "arm": settings.arm,
+            "seed": settings.seed, "label": settings.label, "status": str(outcome.status),
             "failure": (f"failed ({kind})" if kind else "failed") if outcome.error else None,
             "mlflow_run_id": outcome.mlflow_run_id,
             "test_clean_acc": outcome.metric("test/clean_acc"),
@@ -287,13 +310,14 @@ def confirmation_row(outcome: TrialOutcome) -> dict[str, Any]:
 
 
 def compared_pairs(study: StudyFile, configurations: list[Configuration]) -> list[tuple[Configuration, Configuration]]:
-    """(configuration, reference) of every comparison, one family: each of an arm's configurations against the
-    best configuration of the arm it is compared with (study.comparisons())."""
-    best: dict[str, Configuration] = {}  # arm -> its best configuration (the one its comparisons use as reference)
+    """(configuration, reference) of every comparison, one family per search: each of an arm's configurations
+    against the best configuration of the arm it is compared with (study.comparisons()), chosen by the same
+    search."""
+    best: dict[tuple, Configuration] = {}  # (search, arm) -> its best configuration (its comparisons' reference)
     for conf in configurations:
-        best.setdefault(conf.arm.name, conf)
-    return [(conf, best[reference]) for arm, reference in study.comparisons() if reference in best
-            for conf in configurations if conf.arm.name == arm]
+        best.setdefault((conf.replicate, conf.arm.name), conf)
+    return [(conf, best[(conf.replicate, reference)]) for arm, reference in study.comparisons()
+            for conf in configurations if conf.arm.name == arm and (conf.replicate, reference) in best]
 
 
 def summarize(study: StudyFile, results: list[dict], configurations: list[Configuration], rounds: int,
@@ -304,13 +328,15 @@ def summarize(study: StudyFile, results: list[dict], configurations: list[Config
     rows = [dict(r) for r in results]
     order = {conf.name: i for i, conf in enumerate(configurations)}
     rows.sort(key=lambda r: (order.get(r["configuration"], 99), r["seed"]))
-    best = {}  # arm -> its best configuration (the one its comparisons use as the reference)
+    controls: dict[int | None, Configuration] = {}  # search -> its control arm's best configuration
     for conf in configurations:
-        best.setdefault(conf.arm.name, conf)
-    control = best.get(study.control_arm)
+        if conf.arm.name == study.control_arm:
+            controls.setdefault(conf.replicate, conf)
+    search_of = {conf.name: conf.replicate for conf in configurations}
     by_seed = {c.name: {r["seed"]: r for r in rows if r["configuration"] == c.name and r["test_robust_acc"] is not None}
                for c in configurations}
-    for r in rows:  # the table's Δ columns: each row against the control on the same seed
+    for r in rows:  # the table's Δ columns: each row against its search's control on the same seed
+        control = controls.get(search_of.get(r["configuration"]))
         base = by_seed[control.name].get(r["seed"]) if control is not None else None
         if r["configuration"] != getattr(control, "name", None) and base and r["test_robust_acc"] is not None:
             r["robust_diff"] = r["test_robust_acc"] - base["test_robust_acc"]
@@ -320,12 +346,17 @@ def summarize(study: StudyFile, results: list[dict], configurations: list[Config
     examples, margin = examples or {}, study.confirm.margin / 100
     outcomes = {c.name: {s: examples.get(r.get("mlflow_run_id")) for s, r in by_seed[c.name].items()}
                 for c in configurations}
-    compared = compared_pairs(study, configurations)  # one family, judged together (Holm over it)
+    compared = compared_pairs(study, configurations)  # one family per search, judged together (Holm over it)
     pairs = [Pairs({s: r["test_robust_acc"] for s, r in by_seed[conf.name].items()},
                    {s: r["test_robust_acc"] for s, r in by_seed[ref.name].items()}, outcomes[conf.name],
                    outcomes[ref.name]) for conf, ref in compared]
-    judged = judge(confirmation_design(study, len(configurations)), study.confirm_seeds(study.confirm.max_seeds),
-                   {r["seed"] for r in rows}, pairs, margin)
+    design, planned = confirmation_design(study, len(configurations)), study.confirm_seeds(study.confirm.max_seeds)
+    judged: list = [None] * len(compared)
+    for search in dict.fromkeys(conf.replicate for conf, _ in compared):
+        index = [i for i, (conf, _) in enumerate(compared) if conf.replicate == search]
+        for i, verdict in zip(index, judge(design, planned, {r["seed"] for r in rows}, [pairs[i] for i in index],
+                                           margin), strict=True):
+            judged[i] = verdict
     comparisons = []
     for (conf, ref), (robust, decision) in zip(compared, judged, strict=True):
         mine, theirs = by_seed[conf.name], by_seed[ref.name]
@@ -333,5 +364,6 @@ def summarize(study: StudyFile, results: list[dict], configurations: list[Config
                   if r["configuration"] in (ref.name, conf.name) and r["test_robust_acc"] is None}
         clean = paired_difference({s: r["test_clean_acc"] for s, r in mine.items() if s in robust.seeds},
                                   {s: r["test_clean_acc"] for s, r in theirs.items()})  # over the decision's seeds
-        comparisons.append(Comparison(conf, ref, robust, clean, robust_name, margin, failed, decision))
+        comparisons.append(Comparison(conf, ref, robust, clean, robust_name, margin, failed, decision,
+                                      searches=study.study.replicates))
     return Confirmation(rows, comparisons, configurations, sorted({r["seed"] for r in rows}), rounds)
