@@ -118,7 +118,7 @@ def test_replicated_searches_confirm_each_ones_choices_and_the_verdict_rests_on_
     assert verdict.robust.differences == tuple(c.robust.mean for c in confirmation.per_search)
     assert "/2 searches" in verdict.verdict() and "; rests on 2 searches, each one's choices confirmed on its " \
         "seeds" in verdict.verdict()
-    runs = tracker.children(outcome.parent_run_id)
+    runs = [r for r in tracker.children(outcome.parent_run_id) if r.data.tags[tags.ROLE] != "warmup"]  # shared
     assert {r.data.tags.get(tags.REPLICATE) for r in runs} == {"1", "2"}  # every run grouped by its search
     assert all(r.data.params["replicate"] == r.data.tags[tags.REPLICATE] for r in runs)
     for run in runs:  # study.replicate_data: the second search chose on its own validation split

@@ -134,7 +134,11 @@ def test_the_parent_run_carries_the_answer_tables_plots_and_summary(study_run):
     artifacts = set(tracker.list_artifacts(parent.info.run_id, "study"))
     assert {"study/trials.parquet", "study/pareto.parquet", "study/compute.parquet", "study/rung_correlation.parquet",
             "study/confirmation.parquet", "study/pareto_front.png", "study/robust_vs_compute.png",
-            "study/confirmation.png", "study/report.md", "study/verdict.txt", "study/config.yaml"} <= artifacts
+            "study/confirmation.png", "study/report.md", "study/verdict.txt", "study/config.yaml",
+            "study/expected_best.parquet", "study/expected_best.png"} <= artifacts
+    budget = tracker.read_table(parent.info.run_id, "study/expected_best.parquet")
+    assert set(budget.column("arm").to_pylist()) == {"baseline", "sns"}  # each arm's expected best after k trials
+    assert "rests on one search (variation between searches not measured)" in verdict
     assert "study/param_importances.png" not in artifacts  # 3 trials: too few for fANOVA, and the report says so
     trials = tracker.read_table(parent.info.run_id, "study/trials.parquet")
     assert trials.schema.equals(trials_schema(study.search_space, OBJECTIVES))

@@ -106,14 +106,15 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def sibling_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """The params that tell a study's runs apart ({"arm": "sns", "train.lr": "0.003", "sns.lam": ...}), named
     for MLflow's compare view, which lists params by name and plots the first three whose values differ
-    (docs/design.md, "What a person sees in the MLflow UI"): `arm`, then what every arm has, the training
+    (docs/design.md, "What a person sees in the MLflow UI"): `arm` (and `replicate`, the search of a replicated
+    study), then what every arm has, the training
     recipe as `recipe.<path>` ('train.' dropped: recipe.lr, recipe.eps_ramp_epochs) and the `seed`, then the
     arm's own knobs under its method's block (sns.lam), which the baseline's runs do not have."""
     from orchestrator.config.study import METHOD_BLOCKS
 
     named = {}
     for path, value in params.items():
-        if path == "arm" or path.split(".")[0] in METHOD_BLOCKS:
+        if path in ("arm", "replicate") or path.split(".")[0] in METHOD_BLOCKS:
             named[path] = value
         elif path == "train.seed":
             named["seed"] = value
