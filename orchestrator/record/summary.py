@@ -119,9 +119,10 @@ def study_markdown(study: StudyFile, outcome) -> str:
                   "Holm where there are several comparisons (docs/studies.md, \"How sure a verdict is\"); "
                   "P(better) the share of "
                   "paired-bootstrap resamples of the seeds whose mean difference is above 0.", ""]
-    if confirmation is not None and confirmation.per_search:
+    per_search = getattr(confirmation, "per_search", [])  # a replicated study's
+    if per_search:
         lines += ["Each search's own comparison (its choices, paired by seed):", ""]
-        lines += [f"- {c.verdict()}" for c in confirmation.per_search] + [""]
+        lines += [f"- {c.verdict()}" for c in per_search] + [""]
     if confirmation is not None:
         lines += ["## Confirmation", ""]
         lines += _table(["configuration", "seed", "clean %", "robust %", "Δ robust", "Δ clean", "status"], [
@@ -250,7 +251,7 @@ def console_text(study: StudyFile, outcome) -> str:
         out.append(confirmation.text())
     out.append(f"\nMLflow parent run {outcome.parent_run_id}; Ray results {outcome.experiment_path}")
     out.append(f"open the MLflow UI:  {outcome.ui_command}")
-    if confirmation is not None and confirmation.per_search:
+    if getattr(confirmation, "per_search", []):
         out.append("\neach search's own comparison (test split, paired by seed):")
         out += [f"  {c.verdict()}" for c in confirmation.per_search]
     if confirmation is not None and confirmation.comparisons:
