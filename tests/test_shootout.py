@@ -97,3 +97,11 @@ def test_the_confirmation_pairs_each_arm_with_its_reference_seed_by_seed():
     assert pairs["cas", "pgd_at"].robust.differences == pytest.approx((-0.10, -0.10, -0.10))
     deltas = {(r["configuration"], r["seed"]): r.get("robust_diff") for r in confirmation.rows}
     assert deltas["mart", 2] == pytest.approx(-0.01) and deltas["pgd_at", 1] is None  # Δ against the control
+
+
+def test_a_cas_arm_is_validated_with_its_adaptive_attack():
+    """CAS's argmax masks hide the cross-entropy's gradient: a search validated with plain PGD picks the most
+    masked trial (a CAS trial scored 95.6% under PGD-10 where PGD-AT scored 83.6%)."""
+    arms = {arm.name: arm.experiment for arm in load_study(SHOOTOUT).arm_list()}
+    assert arms["cas"].val_attack().name == "cas_pgd" and arms["cas"].val_attack().steps == 10
+    assert {arms[name].val_attack().name for name in arms if name != "cas"} == {"pgd"}

@@ -19,6 +19,7 @@ attack's, so `--set attack.eps=8/255` moves all of them; one that sets another e
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Sequence
@@ -240,7 +241,13 @@ class ExperimentConfig(Strict):
         return self.sns.base if self.method == "sns" else self.method
 
     def val_attack(self) -> Attack:
-        return (self.train.val_attack or EvalAttack("pgd", steps=10)).resolve(self.attack)
+        """The attack every epoch's validation runs (what the search and ASHA choose by). A CAS model is validated
+        with its adaptive attack: plain PGD cannot follow its argmax masks and would pick the most masked trial
+        (docs/evaluation.md, "CAS")."""
+        attack = (self.train.val_attack or EvalAttack("pgd", steps=10)).resolve(self.attack)
+        if self.method == "cas" and attack.name == "pgd":
+            attack = dataclasses.replace(attack, name="cas_pgd")
+        return attack
 
     def attacks_text(self) -> str:
         """'training pgd-linf-eps0.2-s10-r1; validation pgd-...; final suite fgsm-..., ...': every attack at the
