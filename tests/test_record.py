@@ -185,3 +185,16 @@ def test_trial_params_lead_the_compare_view_with_what_both_arms_share():
     assert sorted(confirm) == ["arm", "recipe.lr", "seed", "sns.lam"]
     shootout = sibling_params({"arm": "sns_trades", "train.lr": "0.003", "sns.lam": "0.1", "trades.beta": 6.0})
     assert sorted(shootout) == ["arm", "recipe.lr", "sns.lam", "trades.beta"]  # an arm named apart from its method
+
+
+def test_every_arm_cost_per_epoch_is_reported_against_the_control(study):
+    from orchestrator.record.summary import compute_words, console_text, summary_metrics
+
+    outcome = outcome_of(study)
+    outcome.cost_ratios = {"baseline": 1.0, "sns": 1.094}
+    words = compute_words(study, outcome)
+    assert words == "cost per epoch against PGD-AT: SNS 1.09x (regularized epochs)"
+    assert words in console_text(study, outcome) and words in study_markdown(study, outcome)
+    assert summary_metrics(study, outcome)["summary/sns_cost_per_epoch_vs_control"] == 1.094
+    outcome.cost_ratios = {}
+    assert compute_words(study, outcome).startswith("no cost per epoch")
