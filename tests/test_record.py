@@ -191,7 +191,7 @@ def test_every_arm_cost_per_epoch_is_reported_against_the_control(study):
     from orchestrator.record.summary import compute_words, console_text, summary_metrics
 
     outcome = outcome_of(study)
-    outcome.cost_ratios = {"baseline": 1.0, "sns": 1.094}
+    outcome.cost_ratios, outcome.confirmation = {"baseline": 1.0, "sns": 1.094}, None
     words = compute_words(study, outcome)
     assert words == "cost per epoch against PGD-AT: SNS 1.09x (regularized epochs)"
     assert words in console_text(study, outcome) and words in study_markdown(study, outcome)
