@@ -93,8 +93,9 @@ class Search:
     turn: int = 0
     created: int = 0
     issued: dict[str, tuple[int, str, int]] = field(default_factory=dict)  # trial id -> (arm, label, sequence)
-    ended: dict[int, tuple[str, dict | None, bool]] = field(default_factory=dict)  # sequence -> (trial id, result,
-    told: set[int] = field(default_factory=set)  # error); the sequences told to Optuna
+    # sequence -> (trial id, its objectives, whether it failed), and the sequences already told to Optuna
+    ended: dict[int, tuple[str, dict | None, bool]] = field(default_factory=dict)
+    told: set[int] = field(default_factory=set)
 
     def done(self) -> bool:
         """Every arm has created its trials."""
