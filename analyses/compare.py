@@ -19,6 +19,7 @@ from analyses.loading import Loaded, check_layers, dataset_of, same_data, subtit
 from analyses.plots import compare_distribution_figure, compare_means_figure
 from analyses.writer import ReportWriter
 from ns_core.interpret import compare_models
+from orchestrator.record import tags
 from orchestrator.record.tracking import git_commit
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ def compare_report(models: list[Loaded], options: CompareOptions, writer: Report
     params = {"checkpoints": [str(m.path) for m in models], "labels": [m.label for m in models],
               "attack": attack.label, "examples": len(x), "layers": layers, "seed": options.seed,
               "shared_source": str(shared_source.path) if shared_source else None}
-    with writer.parent("compare", params=params, tags={"nslab.analysis": "compare",
-                                                       "nslab.git_commit": git_commit()}) as report:
+    with writer.parent("compare", params=params, tags={tags.ANALYSIS: "compare",
+                                                       tags.GIT_COMMIT: git_commit()}) as report:
         for item in models:
             with writer.child(report, item.label, params={"checkpoint": str(item.path),
                                                           "method": item.metadata.get("method")}) as run:

@@ -30,6 +30,7 @@ from orchestrator.execution.ray_session import trial_resources
 from orchestrator.execution.trainable import STATE_FILE
 from orchestrator.execution.trial_outcome import TrialOutcome
 from orchestrator.execution.trial_settings import Record, Role, TrialSettings
+from orchestrator.record import tags
 from orchestrator.record.tracking import config_hash, git_commit
 from orchestrator.results import Status, mean_std, rows_table, verdict_sentence
 from orchestrator.study.decision import decide, paired_difference, probability_of_improvement
@@ -129,8 +130,8 @@ def run_methods(config: MethodsConfig, writer: ReportWriter, checkpoint_dir: Pat
     run_dir = (checkpoint_dir / tag).resolve()
     params = {"config": config.model_dump(mode="json"), "checkpoint_dir": str(run_dir)}
     with writer.parent(f"methods-{config.name}", params=params,
-                       tags={"nslab.analysis": "methods", "nslab.git_commit": git_commit(),
-                             "nslab.config_hash": tag}) as report:
+                       tags={tags.ANALYSIS: "methods", tags.GIT_COMMIT: git_commit(),
+                             tags.CONFIG_HASH: tag}) as report:
         writer.text(report, settings_text(config), "methods/config.yaml")
         record = Record(writer.tracking_uri(), writer.experiment_name(), report.run_id, tag)
         trials = [TrialSettings(role=Role.METHOD, label=f"{entry.label}-seed{seed}", arm=entry.label, record=record,

@@ -23,6 +23,7 @@ from ns_core.attacks import Attack
 from ns_core.evaluation import evaluate_robustness
 from ns_core.interpret import attack_batches
 from ns_core.sensitivity import measure_sensitivity
+from orchestrator.record import tags
 from orchestrator.record.figures import sensitivity_figure
 from orchestrator.record.tracking import git_commit
 
@@ -79,7 +80,7 @@ def sensitivity_report(item: Loaded, options: SensitivityOptions, writer: Report
     params = {"source": str(item.path), "model": item.metadata.get("model"), "dataset": item.metadata.get("dataset"),
               "layers": layers, "sensitivity_attack": attack.label, "examples": len(y), "seed": options.seed}
     with writer.parent(f"sensitivity-{item.label}", params=params,
-                       tags={"nslab.analysis": "sensitivity", "nslab.git_commit": git_commit()}) as run:
+                       tags={tags.ANALYSIS: "sensitivity", tags.GIT_COMMIT: git_commit()}) as run:
         writer.table(run, smap.to_arrow(), "sensitivity/test.parquet")
         writer.table(run, top, "sensitivity/top_neurons.parquet")
         writer.table(run, report.to_arrow(), "eval/robust_accuracy.parquet")
@@ -88,7 +89,7 @@ def sensitivity_report(item: Loaded, options: SensitivityOptions, writer: Report
         writer.figure(run, sensitivity_figure(smap, None, title=title), "plots/sensitivity_per_layer.png")
         writer.metrics(run, {**report.metrics(), **{f"sensitivity.{k}": v for k, v in smap.layer_means().items()},
                              **{f"relative_sensitivity.{k}": v for k, v in smap.layer_means(relative=True).items()}})
-        writer.tags(run, {"eval.flags": ",".join(report.flags) or "none"})
+        writer.tags(run, {tags.EVAL_FLAGS: ",".join(report.flags) or "none"})
     return "\n".join([f"{item.label}: {subtitle(item, attack, len(y))}; model {item.built}", "",
                       f"most sensitive neurons per layer ({attack.label} pairs):", smap.summary(min(options.top, 5)),
                       "", "robust accuracy (cascaded) and gradient-masking checks:", report.summary()])

@@ -22,6 +22,7 @@ from analyses.plots import stabilize_figure
 from analyses.writer import ReportWriter
 from ns_core.interpret import DEFAULT_FRACTIONS, attack_batches, stabilize_curve
 from ns_core.sensitivity import measure_sensitivity
+from orchestrator.record import tags
 from orchestrator.record.tracking import git_commit
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,8 @@ def stabilize_report(models: list[Loaded], options: StabilizeOptions, writer: Re
     x, y = data.test.take(options.examples)
     probe_x, probe_y = data.train.take(options.probe)
     all_layers: list[str] = []
-    with writer.parent("stabilize", params=params, tags={"nslab.analysis": "stabilize",
-                                                         "nslab.git_commit": git_commit()}) as report:
+    with writer.parent("stabilize", params=params, tags={tags.ANALYSIS: "stabilize",
+                                                         tags.GIT_COMMIT: git_commit()}) as report:
         for item in models:
             layers = check_layers(item.model, options.layers)
             all_layers += [layer for layer in layers if layer not in all_layers]
