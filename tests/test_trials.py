@@ -65,7 +65,7 @@ def test_arms_search_the_same_way_the_baseline_arm_never_samples_sns_paths(tmp_p
     from ray.tune.search import Searcher
 
     study = tiny(tmp_path, study={"trials": 3, "scheduler": "asha", "grace_period": 1, "reproducible": False},
-                 search_space=SPACE)
+                 search_space=SPACE, storage={"optuna": f"sqlite:///{tmp_path / 'optuna.db'}"})
     baseline, method = study.arm_list()
     assert (baseline.name, baseline.method, baseline.trials, baseline.tuned) == ("baseline", "pgd_at", 3, True)
     assert set(baseline.space) == {"train.lr"} and set(method.space) == {"train.lr", "sns.layers", "sns.lam",
@@ -85,7 +85,11 @@ def test_arms_search_the_same_way_the_baseline_arm_never_samples_sns_paths(tmp_p
         assert set(s.overrides) == set(arm.space)  # decoded on the driver; the baseline's never holds sns.*
         assert s.experiment_config().method == arm.method
     assert all(s.overrides["sns.layers"] in (["relu3"], ["relu3", "relu4"]) for s in suggested if s.arm == "sns")
-    states = [[t.state.name for t in sampler.optuna._ot_study.trials] for sampler in samplers]
+    import optuna  # each arm's Optuna study, read back from its storage through Optuna's public API
+
+    storage = study.storage.optuna
+    states = [[t.state.name for t in optuna.load_study(study_name=f"{RECORD.study}-{arm}", storage=storage).trials]
+              for arm in ("baseline", "sns")]
     assert [row.count("COMPLETE") for row in states] == [2, 2]  # each arm told its own trials only
     path = tmp_path / "searcher.pkl"
     searcher.save(str(path))
