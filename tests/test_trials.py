@@ -71,7 +71,6 @@ def test_arms_search_the_same_way_the_baseline_arm_never_samples_sns_paths(tmp_p
     assert set(baseline.space) == {"train.lr"} and set(method.space) == {"train.lr", "sns.layers", "sns.lam",
                                                                           "sns.fraction"}  # + tiny.yaml's
     searcher = searcher_for(study)
-    samplers = searcher.searches[0].samplers
     suggested = [TrialSettings.of(searcher.suggest(f"t{i}")) for i in range(2)]
     assert searcher.suggest("t2") is None  # asynchronous: study.concurrency (2) at a time
     for i in range(2, 6):
