@@ -69,6 +69,7 @@ def repetition(index: int, args, root: Path, tracker, resources) -> dict:
     from orchestrator.config.loader import parse_set
     from orchestrator.config.study import load_study
     from orchestrator.execution.trial_settings import Record
+    from orchestrator.record import tags
     from orchestrator.study.confirmation import run_confirmation
 
     overrides = {k: v for item in args.set for k, v in parse_set([item]).items()}
@@ -76,7 +77,7 @@ def repetition(index: int, args, root: Path, tracker, resources) -> dict:
                       "storage.ray": str(root / "ray")})
     study = load_study(args.config, overrides)
     name = f"aa-{index:02d}"
-    parent = tracker.start_run(name, tags={"nslab.kind": "study", "nslab.study": name})
+    parent = tracker.start_run(name, tags={tags.KIND: tags.Kind.STUDY, tags.STUDY: name})
     record = Record(tracker.tracking_uri, study.tracking.experiment, parent, name)
     started = time.time()
     rows = search_rows(study)
