@@ -86,7 +86,8 @@ def test_a_checkpoint_cut_short_gives_way_to_the_previous_one(tmp_path):
     args = ["pipelines.train", "--config", str(REPO / "configs/experiment/quick.yaml"), "--tracking-uri", uri,
             "--runs-dir", str(tmp_path / "runs"), "--name", "cut", "--set", "train.epochs=3", "--set", "method=pgd_at",
             "--set", "data.train_limit=600", "--set", "attack.steps=5", "--set", "data.val_size=100",
-            "--set", "eval.attacks=[{name: fgsm, eps: 0.2}]", "--set", "eval.examples=64"]
+            "--set", "eval.attacks=[{name: fgsm, eps: 0.2}]", "--set", "eval.examples=64",
+            "--set", "eval.check_examples=16", "--set", "eval.sensitivity_examples=64"]  # the fault, not the checks
     folder = tmp_path / "runs" / "cut"
     first = start(args, tmp_path)
     try:

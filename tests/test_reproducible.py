@@ -55,7 +55,8 @@ def two_runs(local_ray, tmp_path_factory):
     for name in ("first", "second"):
         busy = None
         if name == "second":  # another process takes a core: trials end in another order than the first time
-            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            # at the lowest priority: it takes what the trials leave idle, not the other test worker's core
+            busy = subprocess.Popen([sys.executable, "-c", "import os; os.nice(19)\nwhile True: pass"])
         try:
             outcome = run_study(study, name)
         finally:
