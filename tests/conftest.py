@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 127.0.0.1 (before Ray's import)
 os.environ["NSLAB_MEMORY_FORMAT"] = os.environ.get("NSLAB_MEMORY_FORMAT") or "contiguous"
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
+# One torch thread in every process the tests start (pipeline subprocesses, Ray workers), as in this one: two test
+# workers on two cores, each process with two spinning OpenMP threads, ran a 23-second fault test in 135 s.
+os.environ["OMP_NUM_THREADS"] = "1"
 FAST = os.environ.get("NSLAB_TEST_TIER") == "fast"
 
 from orchestrator.config.experiment import ExperimentConfig  # noqa: E402
