@@ -13,8 +13,7 @@ the model runs in eval mode and gets its modes back; no gradient reaches its par
 via `torch.autograd.grad`); a `generator` makes random starts repeatable; eps=0 returns x exactly. Per
 step: one forward, one input gradient, no host-device sync. Ours: fgsm, fgsm_rs (FGSM from a random
 start, the attack of "fast" adversarial training), pgd (linf / l2, restarts, ce / cw loss), mim,
-cw_linf, feature_pgd (the adaptive attack on SNS: cross-entropy plus the change of the watched layers'
-activations) and cas_pgd (the adaptive attack on CAS: cross-entropy plus its channel heads' cross-entropy).
+cw_linf, and the adaptive attacks on SNS and CAS, feature_pgd and cas_pgd (ns_core/adaptive_attacks.py).
 AutoAttack's stages come from its reference code (ns_core/autoattack.py).
 """
 
@@ -31,9 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ns_core import autoattack
-from ns_core.cas import cas_forward, cas_heads, heads_cross_entropy
 from ns_core.registry import Registry
-from ns_core.sensitivity import ActivationCapture
 from ns_core.utils import eval_mode, frozen_parameters
 
 ATTACKS = Registry("attack")
@@ -266,6 +263,21 @@ def _score(model: nn.Module, x_adv: Tensor, y: Tensor, loss_fn: LossFn) -> tuple
     return logits.argmax(dim=1) != y, loss_fn(logits, y)  # (N,) bool, (N,) float
 
 
+def adaptive_pgd(model: nn.Module, x: Tensor, y: Tensor, adaptive_loss: LossFn, *, eps: float, alpha: float,
+                 steps: int, norm: str, restarts: int, generator: torch.Generator | None) -> Tensor:
+    """PGD on a defence's own loss, never weaker than `pgd`: from each random start (the starts `pgd` draws, in
+    its order) it runs the adaptive loss and plain cross-entropy, and keeps per example whichever run fools the
+    model, else the higher cross-entropy (2 x steps passes per restart). The caller's context (eval mode, frozen
+    parameters, hooks the loss reads) is the one every forward runs in."""
+    runs = []
+    for _ in range(restarts):
+        start = start_point(x, eps, norm, generator)
+        for loss_fn in (adaptive_loss, ce_loss):
+            runs.append(lambda start=start, loss_fn=loss_fn: projected_ascent(
+                model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn))
+    return _best_of(model, x, y, ce_loss, runs)
+
+
 # ---- the attacks ---------------------------------------------------------------------------------
 
 
@@ -361,91 +373,9 @@ def cw_linf(
                generator=generator)
 
 
-@ATTACKS.register("feature_pgd")
-def feature_pgd(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    eps: float,
-    alpha: float | None = None,
-    steps: int = 20,
-    norm: str = "linf",
-    restarts: int = 1,
-    layers: Sequence[str] | None = None,
-    weight: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """The adaptive attack on neuron stabilization: PGD on cross-entropy + weight x the mean change of the
-    watched layers' activations between x and x' (the quantity SNS keeps small), each layer's change divided
-    by its mean benign |activation| so that layers and models of any scale weigh alike: a defence that only
-    flattens its watched neurons is pushed exactly where it claims to be stable. From each random start it
-    also runs plain cross-entropy PGD and keeps, per example, whichever run fools the model (else the higher
-    loss), so it is never weaker than PGD at its budget (2 x steps passes per restart)."""
-    layers = list(layers or model.default_layers)
-    alpha = 2.5 * eps / steps if alpha is None else alpha
-    x = x.detach()
-    with eval_mode(model), frozen_parameters(model), ActivationCapture(model, layers) as capture:
-        with torch.no_grad():
-            model(x)
-            benign = capture.pop()  # {layer: (N, C, ...)}
-        scale = {layer: benign[layer].abs().mean().clamp_min(1e-12) for layer in layers}
-
-        def feature_loss(logits: Tensor, y_: Tensor) -> Tensor:
-            adv = capture.pop()
-            change = sum((adv[layer] - benign[layer]).abs().flatten(1).mean(1) / scale[layer] for layer in layers)
-            return ce_loss(logits, y_) + weight * change / len(layers)  # (N,)
-
-        runs = []
-        for _ in range(restarts):
-            start = start_point(x, eps, norm, generator)
-            for loss_fn in (feature_loss, ce_loss):
-                runs.append(lambda start=start, loss_fn=loss_fn: projected_ascent(
-                    model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn))
-        return _best_of(model, x, y, ce_loss, runs)
-
-
-@ATTACKS.register("cas_pgd")
-def cas_pgd(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    eps: float,
-    alpha: float | None = None,
-    steps: int = 10,
-    norm: str = "linf",
-    restarts: int = 1,
-    beta: float = 2.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """The adaptive attack on channel-wise activation suppressing (ns_core/cas.py): PGD on cross-entropy + beta x
-    the mean cross-entropy of the CAS heads of the same test-time forward (CAS's own loss). At test time each CAS
-    layer keeps the channels of the class its head predicts, an argmax that passes no gradient, so cross-entropy
-    alone cannot see the mask turn; pushing the heads off the label turns it. From each random start it also
-    runs plain cross-entropy PGD and keeps, per example, whichever run fools the model (else the higher loss),
-    so it is never weaker than `pgd` at its budget (2 x steps passes per restart). Without CAS: `pgd`, draw for
-    draw."""
-    if cas_heads(model) is None:
-        return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, restarts=restarts, generator=generator)
-    alpha = 2.5 * eps / steps if alpha is None else alpha
-    x = x.detach()
-    with eval_mode(model), frozen_parameters(model), cas_forward(model) as head_logits:
-
-        def cas_loss(logits: Tensor, y_: Tensor) -> Tensor:  # (N,), the heads' logits of the same forward
-            return ce_loss(logits, y_) + beta * heads_cross_entropy(head_logits, y_)
-
-        runs = []
-        for _ in range(restarts):  # the starts pgd draws, in its order
-            start = start_point(x, eps, norm, generator)
-            for loss_fn in (cas_loss, ce_loss):
-                runs.append(lambda start=start, loss_fn=loss_fn: projected_ascent(
-                    model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=loss_fn))
-        return _best_of(model, x, y, ce_loss, runs)
-
-
 for _name in autoattack.STAGES:  # AutoAttack's reference code, behind ns_core/autoattack.py
     ATTACKS.register(_name)(getattr(autoattack, _name))
+from ns_core import adaptive_attacks  # noqa: E402,F401  registers feature_pgd and cas_pgd (they use the above)
 
 
 def attack_parameters(name: str) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def install_cas(model: nn.Module, num_classes: int, layers: Sequence[str] | None
 
 def heads_cross_entropy(head_logits: dict[str, Tensor], y: Tensor) -> Tensor:
     """The CAS heads' mean cross-entropy per example (N,): the term CAS adds to its adversary's loss and that
-    its adaptive attack (ns_core.attacks.cas_pgd) ascends."""
+    its adaptive attack (ns_core.adaptive_attacks.cas_pgd) ascends."""
     return sum(F.cross_entropy(h, y, reduction="none") for h in head_logits.values()) / len(head_logits)
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ns_core.attacks import Attack, cas_pgd, pgd, projected_ascent, start_point
+from ns_core.adaptive_attacks import cas_pgd
+from ns_core.attacks import Attack, pgd, projected_ascent, start_point
 from ns_core.cas import cas_forward, cas_heads, install_cas
 from ns_core.checkpoint import load_checkpoint, load_model
 from ns_core.data import load_dataset

@@ -7,17 +7,9 @@ import torch.nn.functional as F
 
 from ns_core.attacks import Attack
 from ns_core.models import create_model
-from ns_core.objectives import (
-    OBJECTIVES,
-    SNS,
-    TRADES,
-    CatastrophicOverfitting,
-    FastAT,
-    TrainingCollapsed,
-    create_objective,
-    neuron_distance,
-)
+from ns_core.objectives import OBJECTIVES, TRADES, CatastrophicOverfitting, FastAT, TrainingCollapsed, create_objective
 from ns_core.sensitivity import ActivationCapture
+from ns_core.sns import SNS, neuron_distance
 
 ATTACK = Attack("pgd", 0.2, steps=2)
 

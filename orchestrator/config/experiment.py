@@ -31,7 +31,8 @@ from pydantic import Field, field_validator, model_validator
 from ns_core.attacks import Attack, attack_parameters
 from ns_core.data import DATASETS
 from ns_core.models import MODELS
-from ns_core.objectives import OBJECTIVES, SNS_BASES, Objective, create_objective, objective_arguments
+from ns_core.objectives import OBJECTIVES, Objective, create_objective, objective_arguments
+from ns_core.sns import SNS_BASES
 from ns_core.training import TrainConfig
 from orchestrator.config.loader import Strict, apply_overrides, config_kind, registered
 

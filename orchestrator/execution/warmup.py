@@ -25,7 +25,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 
-from ns_core.objectives import SNS_BASES
+from ns_core.sns import SNS_BASES
 from orchestrator.config.experiment import ExperimentConfig
 from orchestrator.config.study import StudyFile
 from orchestrator.execution.trial_settings import Record, Role, TrialSettings
