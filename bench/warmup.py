@@ -27,7 +27,8 @@ POINTS = [(0.3, 0.2, 1), (0.1, 0.3, 2), (0.5, 0.1, 3), (0.05, 0.25, 2), (0.2, 0.
 
 def make_study(ctx: Context, root: Path, share: bool, trials: int):
     from orchestrator.config.loader import apply_overrides
-    from orchestrator.config.study import ParamSpec, load_study, resolve_locations
+    from orchestrator.config.search_space import ParamSpec
+    from orchestrator.config.study import load_study, resolve_locations
 
     study = load_study(REPO / "configs" / "study" / "quick.yaml")
     epochs = ctx.pick(2, 4, 10)

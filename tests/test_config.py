@@ -15,7 +15,8 @@ from ns_core.objectives import OBJECTIVES
 from orchestrator.config.analysis import load_methods_config
 from orchestrator.config.experiment import ExperimentConfig, smoke_experiment
 from orchestrator.config.loader import ConfigError, apply_overrides, canonical_path, load_config, parse_set
-from orchestrator.config.study import ParamSpec, load_study, smoke_study
+from orchestrator.config.search_space import ParamSpec
+from orchestrator.config.study import load_study, smoke_study
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "configs" / "experiment").glob("*.yaml"))

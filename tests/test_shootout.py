@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.loader import ConfigError
-from orchestrator.config.study import load_study, reads_path
+from orchestrator.config.search_space import reads_path
+from orchestrator.config.study import load_study
 from orchestrator.study.confirmation import Configuration, summarize
 
 REPO = Path(__file__).resolve().parents[1]

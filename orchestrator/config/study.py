@@ -10,87 +10,30 @@ with its `base`), `control:` the arm the others are compared with, `compare: all
 searched alike; a path of a method's own block (`sns.*`, `trades.*`, `mart.*`, `cas.*`) belongs to the arms
 whose method reads that block (SNS on TRADES reads `trades.beta`), every other path (the recipe) to all.
 
-Search-space paths are dotted experiment fields (`sns.lam`, alias `sns.lambda`; `train.lr`). Two arms are
-searched alike (same searcher, scheduler, trial count and maximum epochs): the baseline arm (the SNS base
-method, or `baseline.method`) over the shared paths (every path outside `sns.*`: the training recipe), the
-method's arm over all of them. Every combination of the space's edges and choices is validated before
-anything trains. Metrics a study optimizes are validation metrics (`val/robust_acc`, ...): choosing on test
-would report optimistic numbers.
+Search-space paths are dotted experiment fields (`sns.lam`, alias `sns.lambda`; `train.lr`), each a `ParamSpec`
+(orchestrator/config/search_space.py); every combination of the space's edges is validated before anything
+trains; the arms are described in orchestrator/config/arms.py. Metrics a study optimizes are validation metrics
+(`val/robust_acc`, ...): choosing on test would report optimistic numbers.
 """
 
 from __future__ import annotations
 
 import difflib
 import itertools
-import json
-import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from orchestrator.config.arms import Arm, ArmSpec
 from orchestrator.config.experiment import EvalAttack, ExperimentConfig, smoke_experiment, threat_model_notes
 from orchestrator.config.loader import ConfigError, Strict, apply_overrides, canonical_path, config_kind, load_config
+from orchestrator.config.search_space import ParamSpec, check_combinations, check_override, reads_path
 from orchestrator.results import count
 
 VAL_METRICS = ("val/robust_acc", "val/clean_acc", "val/sensitivity_all", "val/sensitivity_selected",
                "val/relative_sensitivity_all")  # reported by every epoch of every trial
-MAX_COMBINATIONS = 256  # edge combinations checked at load time (a seeded sample beyond this)
-
-
-class ParamSpec(Strict):
-    """One searched parameter: float/int in [low, high] (optionally log-scaled) or a categorical choice."""
-
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = Field(None, gt=0)
-    choices: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ParamSpec:
-        if self.type == "categorical":
-            if not self.choices or self.low is not None or self.high is not None:
-                raise ValueError("a categorical parameter needs a non-empty `choices` list and no low/high")
-            return self
-        if self.low is None or self.high is None or self.choices is not None:
-            raise ValueError(f"a {self.type} parameter needs `low` and `high` (and no choices)")
-        if not self.low < self.high:
-            raise ValueError(f"low must be < high (got low={self.low}, high={self.high})")
-        if self.log and (self.low <= 0 or self.step is not None):
-            raise ValueError(f"log scale needs low > 0 and no step (got low={self.low})")
-        if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
-            raise ValueError(f"an int parameter needs integer bounds (got {self.low}, {self.high})")
-        return self
-
-    def optuna_choices(self) -> list:
-        """Choices as Optuna takes them (None/bool/int/float/str): lists and dicts become JSON strings."""
-        return [self.encode(c) for c in self.choices or []]
-
-    def encode(self, value: Any) -> Any:
-        return json.dumps(value) if isinstance(value, list | dict) else value
-
-    def decode(self, value: Any) -> Any:
-        """An Optuna value back to the config value (a JSON-encoded choice back to its list)."""
-        if self.type == "categorical":
-            encoded = self.optuna_choices()
-            return self.choices[encoded.index(value)] if value in encoded else value
-        return int(value) if self.type == "int" else float(value)
-
-    def values(self) -> list:
-        """Every value an int or categorical parameter can take; the edges of a float one."""
-        if self.type == "categorical":
-            return list(self.choices)
-        if self.type == "int":
-            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        return [self.low, self.high]
-
-    def edges(self) -> list:
-        """The values that test a combination: a categorical's choices, the bounds of a number."""
-        return list(self.choices) if self.type == "categorical" else [self.decode(self.low), self.decode(self.high)]
 
 
 class StudyMetric(Strict):
@@ -198,61 +141,6 @@ class StorageConfig(Strict):
     optuna: str | None = None  # e.g. sqlite:///optuna.db; None: in memory, saved in Tune's searcher state
 
 
-METHOD_BLOCKS = ("sns", "trades", "mart", "cas")  # a method's own knobs; every other block is the shared recipe
-
-
-def reads_path(experiment: ExperimentConfig, path: str) -> bool:
-    """Whether training `experiment` reads the search-space `path`: the recipe always, a method's own block only
-    for the methods that take it (SNS reads its base's block: `trades.beta` for SNS on TRADES)."""
-    block = path.split(".", 1)[0]
-    if block not in METHOD_BLOCKS:
-        return True
-    if experiment.method == "sns":
-        return block == "sns" or block == experiment.sns.base
-    return block == experiment.method
-
-
-class ArmSpec(Strict):
-    """One arm of a shootout: its name (a column, a tag, a colour), its method and, for SNS, its base."""
-
-    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
-    method: str
-    base: str | None = None  # sns only: the base loss it regularizes (pgd_at, fast_at, trades)
-    tune: bool = True  # false: one untuned trial of the experiment's recipe (verdicts say so)
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One side of the comparison: a method, the paths it searches and its trial count (`tuned` False: one
-    fixed trial of the experiment's recipe)."""
-
-    name: str  # "baseline", or the study's method ("sns"), or an `arms:` entry's name
-    method: str
-    experiment: ExperimentConfig
-    space: dict[str, ParamSpec]
-    trials: int
-    tuned: bool
-    name_base: bool = False  # an SNS arm's title names its base even when it is PGD-AT (a shootout's arms)
-
-    @property
-    def title(self) -> str:
-        """'PGD-AT', 'SNS', 'SNS on TRADES' (an SNS arm names its base when it is not PGD-AT, or in a shootout)."""
-        name = method_title(self.method)
-        base = self.experiment.sns.base
-        named = self.method == "sns" and (base != "pgd_at" or self.name_base)
-        return f"{name} on {method_title(base)}" if named else name
-
-    def describe(self) -> str:
-        """'SNS, tuned over 16 trials' / 'an untuned PGD-AT baseline'."""
-        return (f"{self.title}, tuned over {count(self.trials, 'trial')}" if self.tuned
-                else f"an untuned {self.title} baseline")
-
-
-def method_title(method: str) -> str:
-    """'pgd_at' -> 'PGD-AT', 'sns' -> 'SNS', 'trades' -> 'TRADES'."""
-    return method.upper().replace("_", "-")
-
-
 @config_kind("a study config", "python -m pipelines.study")
 class StudyFile(Strict):
     # a search_space key is an experiment path: --set search_space.sns.lambda.high=1 changes the entry sns.lam
@@ -279,7 +167,7 @@ class StudyFile(Strict):
             except ConfigError as err:
                 raise ValueError(f"search_space.{path}: {str(err).removeprefix('config error: ')}") from None
             for value in spec.values() if spec.type != "int" else [spec.low, spec.high]:
-                _check_override(self.experiment, {full: value}, f"search_space.{path}")
+                check_override(self.experiment, {full: value}, f"search_space.{path}")
             canonical[full] = spec
         self.search_space = canonical
         self.study.points_to_evaluate = [self._point(i, p) for i, p in enumerate(self.study.points_to_evaluate)]
@@ -327,7 +215,7 @@ class StudyFile(Strict):
                 raise ValueError(f"{where}.{path}: {value!r} is not one of the choices {spec.choices}")
             if spec.type != "categorical" and not spec.low <= value <= spec.high:
                 raise ValueError(f"{where}.{path}: {value!r} is outside [{spec.low}, {spec.high}]")
-        _check_override(self.experiment, point, where)
+        check_override(self.experiment, point, where)
         return point
 
     def _check_arms(self) -> None:
@@ -469,33 +357,6 @@ class StudyFile(Strict):
                 seeds.append(candidate)
             candidate += 1
         return seeds
-
-
-def check_combinations(experiment: ExperimentConfig, space: dict[str, ParamSpec], where: str) -> int:
-    """Validate the experiment at every combination of the space's edges (float and int bounds, every
-    categorical choice); beyond MAX_COMBINATIONS a seeded sample of them. Returns how many were checked."""
-    paths = list(space)
-    grid = [space[p].edges() for p in paths]
-    total = 1
-    for values in grid:
-        total *= len(values)
-    combos = itertools.product(*grid)
-    if total > MAX_COMBINATIONS:
-        rng = random.Random(0)
-        combos = [tuple(rng.choice(values) for values in grid) for _ in range(MAX_COMBINATIONS)]
-    checked = 0
-    for combo in combos:
-        _check_override(experiment, dict(zip(paths, combo, strict=True)), where)
-        checked += 1
-    return checked
-
-
-def _check_override(experiment: ExperimentConfig, values: dict[str, Any], where: str) -> None:
-    try:
-        apply_overrides(experiment, values)
-    except ConfigError as err:
-        shown = ", ".join(f"{p}={v!r}" for p, v in values.items())
-        raise ValueError(f"{where}: {shown} is not valid: {str(err).removeprefix('config error: ')}") from None
 
 
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None,

@@ -27,7 +27,9 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.config.study import Arm, ParamSpec, StudyFile
+from orchestrator.config.arms import Arm
+from orchestrator.config.search_space import ParamSpec
+from orchestrator.config.study import StudyFile
 from orchestrator.execution.trial_outcome import PROGRESS, TrialOutcome
 from orchestrator.execution.trial_settings import Role, TrialSettings
 

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.config.study import ParamSpec
+from orchestrator.config.search_space import ParamSpec
 from orchestrator.results import Status, finite
 
 TRIAL_FIELDS = [

@@ -110,7 +110,7 @@ def sibling_params(params: Mapping[str, Any]) -> dict[str, Any]:
     study), then what every arm has, the training
     recipe as `recipe.<path>` ('train.' dropped: recipe.lr, recipe.eps_ramp_epochs) and the `seed`, then the
     arm's own knobs under its method's block (sns.lam), which the baseline's runs do not have."""
-    from orchestrator.config.study import METHOD_BLOCKS
+    from orchestrator.config.search_space import METHOD_BLOCKS
 
     named = {}
     for path, value in params.items():

@@ -30,8 +30,9 @@ from typing import Any
 import pyarrow as pa
 
 from ns_core.attacks import Attack
+from orchestrator.config.arms import Arm
 from orchestrator.config.loader import apply_overrides
-from orchestrator.config.study import Arm, StudyFile
+from orchestrator.config.study import StudyFile
 from orchestrator.execution.phases import TrialLog, exists, phase_trials, run_rounds
 from orchestrator.execution.trial_outcome import TrialOutcome
 from orchestrator.execution.trial_settings import Record, Role, TrialSettings

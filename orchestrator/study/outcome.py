@@ -14,7 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from orchestrator.config.study import Arm, ParamSpec, StudyFile
+from orchestrator.config.arms import Arm
+from orchestrator.config.search_space import ParamSpec
+from orchestrator.config.study import StudyFile
 from orchestrator.execution.search import distribution
 from orchestrator.record import figures, tags
 from orchestrator.record.artifacts import IMPORTANCE_SCHEMA, trials_table
