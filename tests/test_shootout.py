@@ -106,3 +106,45 @@ def test_a_cas_arm_is_validated_with_its_adaptive_attack():
     arms = {arm.name: arm.experiment for arm in load_study(SHOOTOUT).arm_list()}
     assert arms["cas"].val_attack().name == "cas_pgd" and arms["cas"].val_attack().steps == 10
     assert {arms[name].val_attack().name for name in arms if name != "cas"} == {"pgd"}
+
+
+# The shootout's own confirmation (configs/study/shootout_quick.yaml, 2026-12-07, docs/analysis.md): test robust
+# and clean accuracy per arm and seed.
+MEASURED = {"pgd_at": ((0.818, 0.811, 0.760, 0.836, 0.824), (0.973, 0.973, 0.962, 0.971, 0.970)),
+            "trades": ((0.832, 0.833, 0.822, 0.823, 0.824), (0.977, 0.973, 0.973, 0.972, 0.973)),
+            "sns_pgd_at": ((0.819, 0.802, 0.763, 0.823, 0.811), (0.971, 0.967, 0.958, 0.971, 0.971)),
+            "sns_trades": ((0.827, 0.835, 0.813, 0.811, 0.819), (0.945, 0.948, 0.939, 0.938, 0.939)),
+            "mart": ((0.802, 0.833, 0.640, 0.843, 0.799), (0.962, 0.970, 0.936, 0.969, 0.959)),
+            "cas": ((0.818, 0.810, 0.715, 0.826, 0.804), (0.970, 0.970, 0.944, 0.970, 0.966))}
+
+
+def test_a_shootout_ranks_its_arms_with_intervals_and_puts_sns_against_each_base():
+    from orchestrator.record.summary import console_text, study_markdown
+    from orchestrator.study import ranking
+    from orchestrator.study.outcome import StudyOutcome
+
+    study = load_study(SHOOTOUT)
+    arms = {arm.name: arm for arm in study.arm_list()}
+    configurations = [Configuration(name, arms[name], {}, f"{name}-01") for name in arms]
+    rows = [{"configuration": name, "arm": name, "seed": seed, "label": f"confirm-{name}-s{seed}",
+             "status": "COMPLETE", "failure": None, "test_robust_acc": robust[seed - 1],
+             "test_clean_acc": clean[seed - 1]} for name, (robust, clean) in MEASURED.items() for seed in range(1, 6)]
+    confirmation = summarize(study, rows, configurations, 3)
+    ranked = ranking.ranking(confirmation, study.control_arm)
+    assert [r["configuration"] for r in ranked] == ["trades", "sns_trades", "pgd_at", "sns_pgd_at", "cas", "mart"]
+    first, control = ranked[0], ranked[2]
+    assert first["rank"] == 1 and first["robust_acc_mean"] == pytest.approx(0.8268)
+    assert first["robust_diff_mean"] == pytest.approx(0.017) and first["ci95_low"] < 0 < first["ci95_high"]
+    assert first["decision"] == "undecided" and first["vs"] == "pgd_at"
+    assert control["decision"] == "control" and control["ci95_low"] is None
+    assert ranking.ranking_table(ranked).num_rows == 6
+    lines = ranking.base_lines(confirmation)
+    assert [line.split(":")[0] for line in lines] == ["SNS on PGD-AT", "SNS on TRADES"]
+    assert lines[1].startswith("SNS on TRADES: -0.6 robust points vs TRADES (95% CI ")
+    assert lines[1].endswith("undecided after 5 seeds")
+    outcome = StudyOutcome("shootout", "parent", "/ray", [], [], "mlflow ui", [("val/robust_acc", "max")],
+                           list(arms.values()), confirmation=confirmation)
+    report, console = study_markdown(study, outcome), console_text(study, outcome)
+    assert "6 arms against the control pgd_at on mnist5k" in report
+    assert "## Ranking" in report and "| 1 | trades | TRADES | 5 | 82.7 ± 0.5 | 97.4 | +1.7 vs pgd_at |" in report
+    assert "SNS on each base: SNS on PGD-AT: -0.6 robust points vs PGD-AT" in console

@@ -17,6 +17,7 @@ from typing import Any
 
 from orchestrator.config.study import StudyFile
 from orchestrator.results import Status, finite, fmt, pct, points
+from orchestrator.study import ranking
 from orchestrator.study.decision import Decision, probability_of_improvement
 
 
@@ -104,6 +105,13 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
         "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def _question(study: StudyFile, outcome) -> str:
+    """'sns vs pgd_at' for two arms; 'six arms against the control pgd_at' for a shootout."""
+    if study.arms is not None:
+        return f"{len(outcome.arms)} arms against the control {study.control_arm}"
+    return f"{study.experiment.method} vs {study.baseline_method() or '(no baseline)'}"
+
+
 def study_markdown(study: StudyFile, outcome) -> str:
     """The study's answer first (the verdicts), then the confirmation, each arm's best, the trials, the
     compute and the trust in the cheap signal; every number rounded to what it can carry."""
@@ -111,7 +119,7 @@ def study_markdown(study: StudyFile, outcome) -> str:
     confirmation = outcome.confirmation
     verdicts = [f"**{c.verdict()}**" for c in confirmation.comparisons] if confirmation else []
     lines = [*verdicts, "" if verdicts else "(no confirmation)", f"# Study {outcome.name}", "",
-             f"{e.method} vs {study.baseline_method() or '(no baseline)'} on {e.dataset} / {e.model}, "
+             f"{_question(study, outcome)} on {e.dataset} / {e.model}, "
              f"{e.attack.norm} eps {e.attack.eps:g}; " + "; ".join(a.describe() for a in outcome.arms) + "; "
              "verdict on the test split, paired by seed (above).", ""]
     if verdicts:
@@ -121,6 +129,15 @@ def study_markdown(study: StudyFile, outcome) -> str:
                   "Holm where there are several comparisons (docs/studies.md, \"How sure a verdict is\"); "
                   "P(better) the share of "
                   "paired-bootstrap resamples of the seeds whose mean difference is above 0.", ""]
+    if ranking.shown(confirmation):
+        rows = ranking.ranking(confirmation, study.control_arm)
+        lines += ["## Ranking", "", "By mean robust accuracy on the confirmation seeds (± sd over seeds); a rank is "
+                  "only as firm as its interval against the control and the decision beside it.", ""]
+        lines += _table(ranking.RANKING_HEADER, [ranking.ranking_cells(r) for r in rows]) + [""]
+        per_base = ranking.base_lines(confirmation)
+        if per_base:
+            lines += ["SNS on each base, against that base (the paper's claim, per base):", ""]
+            lines += [f"- {line}" for line in per_base] + [""]
     per_search = getattr(confirmation, "per_search", [])  # a replicated study's
     if per_search:
         lines += ["Each search's own comparison (its choices, paired by seed):", ""]
@@ -264,6 +281,11 @@ def console_text(study: StudyFile, outcome) -> str:
         out.append(f"\nconfirmation on the test split, seeds {confirmation.seeds} ({confirmation.rounds} round(s); "
                    f"Δ = configuration − baseline, same seed, points):")
         out.append(confirmation.text())
+        if ranking.shown(confirmation):
+            out.append("\nranking (mean robust accuracy on the confirmation seeds; Δ and 95% CI against the control):")
+            out.append(ranking.ranking_text(ranking.ranking(confirmation, study.control_arm)))
+            out += ["SNS on each base: " + "; ".join(ranking.base_lines(confirmation))] if ranking.base_lines(
+                confirmation) else []
     out.append(f"\nMLflow parent run {outcome.parent_run_id}; Ray results {outcome.experiment_path}")
     out.append(f"open the MLflow UI:  {outcome.ui_command}")
     if getattr(confirmation, "per_search", []):

@@ -22,6 +22,7 @@ from orchestrator.record import figures, tags
 from orchestrator.record.artifacts import IMPORTANCE_SCHEMA, trials_table
 from orchestrator.record.tracking import Tracker
 from orchestrator.results import Status, finite, rows_table
+from orchestrator.study import ranking
 from orchestrator.study.confirmation import Confirmation
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ def record_outcome(study: StudyFile, outcome: StudyOutcome, tracker: Tracker) ->
             tracker.log_table(parent, rows_table([c.summary() for c in outcome.confirmation.comparisons]),
                               "study/verdicts.parquet")
         tracker.log_figure(parent, figures.confirmation_figure(outcome.confirmation), "study/confirmation.png")
+        if ranking.shown(outcome.confirmation):
+            tracker.log_table(parent, ranking.ranking_table(ranking.ranking(outcome.confirmation, study.control_arm)),
+                              "study/ranking.parquet")
     report = study_markdown(study, outcome)
     tracker.log_text(parent, report, "study/report.md")
     verdicts = [c.verdict() for c in outcome.confirmation.comparisons] if outcome.confirmation else []
