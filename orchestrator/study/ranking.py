@@ -40,9 +40,10 @@ def shown(confirmation: Confirmation | None) -> bool:
 
 def ranking(confirmation: Confirmation, control: str | None) -> list[dict[str, Any]]:
     """One row per confirmed configuration, ordered by mean test robust accuracy (fractions, as the tables
-    hold them), each with its comparison against the control arm's configuration of the same search."""
-    against: dict[str, Comparison] = {c.configuration.name: c for c in confirmation.comparisons
-                                      if c.baseline.arm.name == control}
+    hold them), each with its comparison against the control arm's configuration of the same search (a replicated
+    study: each search's own comparison, not the verdict over searches)."""
+    judged = confirmation.per_search or confirmation.comparisons  # a replicated study: each search's own pairs
+    against: dict[str, Comparison] = {c.configuration.name: c for c in judged if c.baseline.arm.name == control}
     out = []
     for conf in confirmation.configurations:
         finished = [r for r in confirmation.rows
