@@ -3,6 +3,7 @@ false "beats" and "loses" at most 2.5% each wherever it stops and at any spread 
 variation in the interval too), the demo's power, Holm's step-down over a family, the test-example variance
 component, and the interval the verdict prints agreeing with the decision. Seeded and vectorized: seconds."""
 
+import json
 import math
 
 import numpy as np
@@ -154,3 +155,27 @@ def test_seeds_needed_continues_the_design():
     assert fixed is not None and sequential is not None and sequential >= fixed  # repeated looks cost seeds
     floor = d.with_(design=Design((3, 4, 5, 6)), example_variance=0.02 ** 2, examples=1000)
     assert seeds_needed(floor) is None  # the test split's own variation alone covers the effect
+
+
+def test_a_design_calibrated_once_is_read_back_from_disk_and_a_corrupt_cache_is_recomputed(tmp_path, monkeypatch):
+    from orchestrator.study import design as design_module
+
+    monkeypatch.setenv("NSLAB_CACHE", str(tmp_path))
+    args = ((2, 3, 4), 0.0125, "obrien_fleming", 20_000, 7)
+    design_module.nominal_levels.cache_clear()
+    computed = design_module.nominal_levels(*args)
+    (saved,) = (tmp_path / "designs").glob("*.json")
+    design_module.nominal_levels.cache_clear()
+    monkeypatch.setattr(design_module, "_calibrate", lambda *a: pytest.fail("calibrated again despite the cache"))
+    assert design_module.nominal_levels(*args) == computed  # from disk, bit for bit
+    monkeypatch.undo()
+    monkeypatch.setenv("NSLAB_CACHE", str(tmp_path))
+    saved.write_text("{not json")
+    design_module.nominal_levels.cache_clear()
+    assert design_module.nominal_levels(*args) == computed  # recomputed, and the file rewritten whole
+    assert json.loads(saved.read_text())["levels"] == list(computed)
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("NSLAB_CACHE", str(tmp_path / "blocked"))
+    design_module.nominal_levels.cache_clear()
+    assert design_module.nominal_levels(*args) == computed  # an unwritable cache is only slower
+    design_module.nominal_levels.cache_clear()

@@ -17,7 +17,9 @@ ANY look is 2.5% per direction (Jennison & Turnbull 2000). Two shapes are comput
 The boundary is on the t statistic of the seeds' paired differences, which is pivotal under normal differences:
 its null distribution does not depend on the spread, so one calibration holds at every spread. It is calibrated
 by a seeded, vectorized Monte Carlo of the null (PATHS paths of standard normal seeds; the level's Monte Carlo
-error is about 2% of itself; fewer paths for designs beyond 10 seeds) and cached per design. A look with fewer
+error is about 2% of itself; fewer paths for designs beyond 10 seeds) and cached per design, in the process and
+on disk ($NSLAB_CACHE/designs, default ~/.cache/nslab: a 4-look calibration costs 1-3 CPU-seconds, paid once
+per machine instead of once per study process and per `nslab power`). A look with fewer
 than 2 seeds has no interval and spends nothing. A confirmation that ends up with fewer seeds at a look than
 planned (a failed run is left out) tests that look's level at the seeds it has.
 """
@@ -25,10 +27,17 @@ planned (a failed run is left out) tests that look's level at the seeds it has.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 ALPHA = 0.025  # per direction: at most 2.5% false "beats" and 2.5% false "loses"
 PATHS = 200_000
@@ -121,7 +130,33 @@ def t_statistics(z: np.ndarray, looks: tuple[int, ...]) -> np.ndarray:
 def nominal_levels(looks: tuple[int, ...], alpha: float, boundary: Boundary, paths: int = PATHS,
                    seed: int = 0) -> tuple[float, ...]:
     """Per look, the one-sided level at which its t statistic is tested, so that the chance of crossing at any
-    look under the null is `alpha` (seeded Monte Carlo of `paths` null confirmations; cached per design)."""
+    look under the null is `alpha` (seeded Monte Carlo of `paths` null confirmations; cached per design, on disk
+    too: the same seeded calibration, so a cached design is the computed one)."""
+    key = json.dumps({"v": 1, "looks": list(looks), "alpha": alpha, "boundary": boundary, "paths": paths,
+                      "seed": seed, "numpy": np.__version__})
+    path = _cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.json"
+    try:
+        saved = json.loads(path.read_text())
+        if saved["key"] == key and len(saved["levels"]) == len(looks):
+            return tuple(float(a) for a in saved["levels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not cached yet, or unreadable: computed again and rewritten
+    levels = _calibrate(looks, alpha, boundary, paths, seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"key": key, "levels": list(levels)}))
+        partial.replace(path)  # atomic: a reader sees the old file or the whole new one
+    except OSError as err:  # a cache that cannot be written is only slower
+        log.debug("design cache not written (%s)", err)
+    return levels
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("NSLAB_CACHE") or Path.home() / ".cache" / "nslab") / "designs"
+
+
+def _calibrate(looks: tuple[int, ...], alpha: float, boundary: Boundary, paths: int, seed: int) -> tuple[float, ...]:
     from scipy.special import stdtr
 
     usable = [k for k, n in enumerate(looks) if n >= 2]
