@@ -86,8 +86,9 @@ def run_study(study: StudyFile, name: str, resume: bool = False, keep_gpu: bool 
     s = study.study
     resources = trial_resources(s.resources.cpu, s.resources.gpu, keep_gpu)
     arms = study.arm_list()
-    log.info("study %s: %s; %d at a time, objectives %s; MLflow parent run %s", name,
-             " and ".join(a.describe() for a in arms), s.concurrency,
+    searches = f", {s.replicates} searches side by side" if s.replicates > 1 else ""
+    log.info("study %s: %s%s; %d at a time, objectives %s; MLflow parent run %s", name,
+             " and ".join(a.describe() for a in arms), searches, s.concurrency,
              ", ".join(f"{o.metric} ({o.mode})" for o in s.objectives), parent)
     if confirm and study.confirm is not None:
         log.info("%s", design_summary(study, path))  # what the confirmation risks and finds (nslab power)
