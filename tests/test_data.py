@@ -52,6 +52,28 @@ def test_validation_is_picked_by_the_data_seed_alone() -> None:
     assert _rows(small.val) == _rows(load_dataset("mnist5k", val_size=200).val)  # limits never move validation
 
 
+def test_a_stratified_split_is_scikit_learns_and_read_back_without_importing_it(tmp_path, monkeypatch) -> None:
+    import sys
+
+    from sklearn.model_selection import train_test_split
+
+    monkeypatch.setenv("NSLAB_CACHE", str(tmp_path))
+    labels = load_dataset("mnist5k").train.y
+    expected, _ = train_test_split(np.arange(len(labels)), train_size=300, stratify=labels.numpy(), random_state=3)
+    before = set((tmp_path / "splits").glob("*.npz"))  # loading mnist5k cached its validation split
+    chosen, rest = stratified_split(labels, 300, seed=3)  # computed and cached
+    (cached,) = set((tmp_path / "splits").glob("*.npz")) - before
+    assert chosen.tolist() == sorted(expected.tolist()) and len(chosen) + len(rest) == len(labels)
+    monkeypatch.setitem(sys.modules, "sklearn.model_selection", None)  # importing it now raises ImportError
+    again, rest_again = stratified_split(labels, 300, seed=3)
+    assert again.tolist() == chosen.tolist() and rest_again.tolist() == rest.tolist()
+    with pytest.raises(ImportError):  # another seed is not cached: it would need scikit-learn
+        stratified_split(labels, 300, seed=4)
+    cached.write_bytes(b"not a zip file")
+    monkeypatch.delitem(sys.modules, "sklearn.model_selection")
+    assert stratified_split(labels, 300, seed=3)[0].tolist() == chosen.tolist()  # a corrupt entry is recomputed
+
+
 def test_mnist5k_cache_cannot_be_altered_by_a_caller() -> None:
     splits = load_dataset("mnist5k")
     splits.train.x.zero_()
