@@ -148,3 +148,25 @@ def test_a_shootout_ranks_its_arms_with_intervals_and_puts_sns_against_each_base
     assert "6 arms against the control pgd_at on mnist5k" in report
     assert "## Ranking" in report and "| 1 | trades | TRADES | 5 | 82.7 ± 0.5 | 97.4 | +1.7 vs pgd_at |" in report
     assert "SNS on each base: SNS on PGD-AT: -0.6 robust points vs PGD-AT" in console
+
+
+def test_a_replicated_two_arm_study_shows_each_search_verdict_not_a_ranking_across_searches():
+    from dataclasses import replace
+
+    from orchestrator.study import ranking
+    from orchestrator.study.replicates import across_searches
+
+    study = load_study(REPO / "configs" / "study" / "quick.yaml", {"study.replicates": 3})
+    arms = {arm.name: arm for arm in study.arm_list()}
+    configurations = [Configuration(f"r{r}-{name}", arms[name], {}, f"r{r}-{name}-01", r)
+                      for r in (1, 2, 3) for name in arms]
+    rows = [{"configuration": c.name, "arm": c.arm.name, "replicate": c.replicate, "seed": seed, "label": c.name,
+             "status": "COMPLETE", "failure": None, "test_clean_acc": 0.97,
+             "test_robust_acc": 0.80 + (0.02 if c.arm.name == "sns" else 0.0) + 0.001 * seed * c.replicate}
+            for c in configurations for seed in (1, 2, 3)]
+    confirmation = summarize(study, rows, configurations, 1)
+    assert not ranking.shown(confirmation)  # two configurations per search: each search's verdict says it all
+    over_searches = replace(confirmation, per_search=confirmation.comparisons,
+                            comparisons=across_searches(study, confirmation.comparisons))  # as run_confirmation
+    (line,) = ranking.base_lines(over_searches)
+    assert line.startswith("SNS: +2.0 robust points vs PGD-AT") and line.endswith("after 3 searches")

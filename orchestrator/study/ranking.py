@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from orchestrator.results import finite, pct, points
+from orchestrator.results import count, finite, pct, points
 from orchestrator.study.confirmation import Comparison, Confirmation
 
 RANKING_SCHEMA = pa.schema([
@@ -33,9 +33,14 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def shown(confirmation: Confirmation | None) -> bool:
-    """A ranking says more than the verdicts where more than two configurations were confirmed (a shootout,
-    top_k > 1, replicates); with two, the verdict is the ranking."""
-    return confirmation is not None and len(confirmation.configurations) > 2
+    """A ranking says more than the verdicts where one search confirmed more than two configurations (a shootout,
+    top_k > 1); with two, the verdict is the ranking (a replicated two-arm study has each search's verdict)."""
+    if confirmation is None:
+        return False
+    per_search: dict[int | None, int] = {}
+    for conf in confirmation.configurations:
+        per_search[conf.replicate] = per_search.get(conf.replicate, 0) + 1
+    return max(per_search.values(), default=0) > 2
 
 
 def ranking(confirmation: Confirmation, control: str | None) -> list[dict[str, Any]]:
@@ -98,5 +103,5 @@ def base_lines(confirmation: Confirmation) -> list[str]:
         low, high = c.robust.ci95
         interval = f" (95% CI {points(low)} to {points(high)})" if finite(low) else ""
         out.append(f"{arm.title}: {points(c.robust.mean)} robust points vs {base.title}{interval}, "
-                   f"{c.decision} after {c.robust.n} seeds")
+                   f"{c.decision} after {count(c.robust.n, c.unit)}")
     return out
