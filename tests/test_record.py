@@ -13,6 +13,7 @@ from orchestrator.record.figures import confirmation_figure, pareto_figure
 from orchestrator.record.summary import parent_run_name, search_table, short_verdict, study_markdown, summary_metrics
 from orchestrator.record.tracking import sibling_params
 from orchestrator.results import Status, verdict_sentence
+from orchestrator.study.confirmation import Configuration
 from orchestrator.study.decision import Decision, PairedDifference
 from orchestrator.study.outcome import StudyOutcome
 
@@ -37,17 +38,6 @@ class Arm:
 
 ARMS = [Arm("baseline", "pgd_at", {"train.lr": None}), Arm("sns", "sns", {"sns.lam": None, "sns.fraction": None,
                                                                          "train.lr": None})]
-
-
-@dataclass
-class Configuration:
-    name: str
-    arm: object
-    overrides: dict = field(default_factory=dict)
-    search_label: str = ""
-
-    def describe(self) -> str:
-        return self.search_label
 
 
 @dataclass
@@ -99,7 +89,7 @@ def outcome_of(study, decision: Decision = Decision.BEATS, diffs=(0.021, 0.022, 
              "failure_reason": "TrainingCollapsed: clean accuracy at chance after warm-up"}]
     outcome = StudyOutcome("tiny-20260101-000000", "parent", "/ray/tiny", rows, [True, False, True, False], "mlflow ui",
                            OBJECTIVES, arms, seconds=600.0)
-    baseline, method = (Configuration(a.name, a, search_label=f"{a.name}-01") for a in arms)
+    baseline, method = (Configuration(a.name, a, {}, f"{a.name}-01") for a in arms)
     comparison = Comparison(method, baseline, PairedDifference((1, 2, 3), tuple(diffs)),
                             PairedDifference((1, 2, 3), (-0.004, -0.002, -0.006)), decision)
     outcome.confirmation = Confirmation([comparison], [baseline, method])
@@ -116,8 +106,8 @@ def test_the_answer_is_in_the_runs_table_short_name_verdict_tag_and_first_metric
     confirmed = sorted(k for k in metrics if k.startswith("confirmed/"))
     assert confirmed and all(k < "objective/" for k in confirmed)  # before every trial's first metric column
     against_two = outcome_of(study)
-    against_two.confirmation.comparisons.append(replace(against_two.confirmation.comparisons[0],
-                                                        baseline=Configuration("trades", Arm("trades", "trades", {}))))
+    trades = Configuration("trades", Arm("trades", "trades", {}), {}, "trades-01")
+    against_two.confirmation.comparisons.append(replace(against_two.confirmation.comparisons[0], baseline=trades))
     assert {"confirmed/sns_vs_baseline_seeds", "confirmed/sns_vs_trades_seeds"} <= set(summary_metrics(study,
                                                                                                       against_two))
     assert metrics["confirmed/sns_robust_diff_points"] == pytest.approx(2.1)
