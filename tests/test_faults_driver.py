@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_a_killed_driver_resumes_mid_search_and_between_seeds_with_the_flags_it_started_with(tmp_path):
     """Started with flags that change the config, killed twice, continued by the same command plus --resume."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = write_study(tmp_path, uri, study={"share_warmup": False})
+    config = write_study(tmp_path, uri, study={"share_warmup": False, "concurrency": 1})
     command = ["pipelines.study", "--config", str(config), "--name", "kill-driver", "--trials", "1",
                "--set", "confirm.seeds=1", "--set", "confirm.max_seeds=2"]  # 1 seed, undecided, so a 2nd round
 

@@ -26,8 +26,8 @@ def test_an_authenticated_server_goes_down_mid_study_lets_only_its_users_in_and_
             assert tracking_server.main(["--add-user", "alice", "--tracking-uri", server.uri]) == 0
         alice = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "alice-password-0123",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # an integer: retries after 1, 3, 7, 15, 31, 63 s
-        config = write_study(tmp_path, server.uri, study={"trials": 1, "share_warmup": False}, confirm=None,
-                             experiment={"train": {"epochs": 3}, "data": {"train_limit": 512}})
+        config = write_study(tmp_path, server.uri, study={"trials": 1, "concurrency": 1, "share_warmup": False},
+                             confirm=None, experiment={"train": {"epochs": 3}, "data": {"train_limit": 512}})
         study = start(["pipelines.study", "--config", str(config), "--name", "outage"], tmp_path, **alice)
         try:
             os.environ.update(alice)

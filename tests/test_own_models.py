@@ -259,8 +259,8 @@ def test_own_models_train_sns_with_layers_given_and_proposed_and_run_a_study(mod
     proposed = yaml.safe_load(runs["proposed"].data.params["sns.layers"])
     assert proposed and proposed != given and all(isinstance(p, str) for p in proposed)
     config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump({"base": str(TINY_STUDY), "study": {"trials": 1, "share_warmup": False},
-                                      "confirm": None,
+    config.write_text(yaml.safe_dump({"base": str(TINY_STUDY), "confirm": None,
+                                      "study": {"trials": 1, "concurrency": 1, "share_warmup": False},
                                       "tracking": {"uri": uri, "experiment": "own"},
                                       "storage": {"ray": str(tmp_path / "ray")}}))
     capsys.readouterr()

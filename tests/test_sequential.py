@@ -31,14 +31,15 @@ def verdicts(local_ray, ray_head, tmp_path_factory):
     config = tmp / "study.yaml"
     config.write_text(yaml.safe_dump({
         "base": str(TINY_STUDY),
-        "study": {"trials": 1, "share_warmup": False, "points_to_evaluate": [{"sns.lam": 0.05, "sns.fraction": 0.2}]},
-        "experiment": {"data": {"train_limit": 1500},
+        "study": {"trials": 1, "concurrency": 1, "share_warmup": False,  # one trial actor per search: imports cost
+                  "points_to_evaluate": [{"sns.lam": 0.05, "sns.fraction": 0.2}]},
+        "experiment": {"data": {"train_limit": 1500, "test_limit": 1000},  # the whole test split: steadier seeds
                        "train": {"epochs": 3, "eps_ramp_epochs": 1,
                                  "val_attack": {"name": "pgd", "eps": 0.2, "steps": 3}},
                        "eval": {"attacks": [{"name": "fgsm", "eps": 0.2}, {"name": "pgd", "eps": 0.2, "steps": 5}],
                                 "examples": None}},
         "baseline": {"method": "standard"},
-        "confirm": {"seeds": 1, "max_seeds": 4},  # the interval counts 128 test examples too: up to 4 seeds
+        "confirm": {"seeds": 1, "max_seeds": 4},  # the interval counts the 1,000 test examples too: up to 4 seeds
         "tracking": {"experiment": "sequential"}, "storage": {"ray": str(tmp / "ray")}}))
     out = {}
     uri = f"sqlite:///{tmp / 'contiguous' / 'mlflow.db'}"
@@ -75,8 +76,8 @@ def test_confirmation_adds_seeds_until_the_answer_is_decided(verdicts):
         examples = tracker.read_table(run.info.run_id, "confirm/examples.parquet")
         assert examples.column_names == ["configuration", "seed", "example", "clean_correct", "robust_correct",
                                          "broken_by"]
-        assert examples.num_rows == 128 and examples.column("robust_correct").to_pylist().count(True) == round(
-            128 * run.data.metrics["test/robust_acc"])
+        assert examples.num_rows == 1000 and examples.column("robust_correct").to_pylist().count(True) == round(
+            1000 * run.data.metrics["test/robust_acc"])
     assert "test examples ±" in verdict and "not recorded" not in verdict
     assert "SNS, tuned over 1 trial, vs an untuned STANDARD baseline" in verdict
 
