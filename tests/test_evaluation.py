@@ -1,4 +1,5 @@
-"""Robust evaluation on models trained in the session (seconds, mnist5k): the cascade and its worst case per
+"""Robust evaluation on models trained in the session (seconds, mnist5k; trained once per test worker, so every
+test of them lives here): PGD-AT clearly more robust than standard training, the cascade and its worst case per
 threat model, the ordering AutoAttack <= PGD <= FGSM <= clean, the gradient-masking checks on a normal and a
 deliberately masked model, the adaptive attack on SNS, and the record's schema."""
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ns_core.attacks import Attack
+from ns_core.attacks import Attack, pgd
+from ns_core.data import load_dataset
 from ns_core.evaluation import CHECK_SCHEMA, SCHEMA, evaluate_robustness, expand_suite
 from ns_core.sensitivity import ActivationCapture
 from ns_core.utils import make_generator
@@ -133,3 +135,19 @@ def test_threat_model_guards():
 def test_autoattack_expands_into_its_four_stages_once():
     suite = expand_suite([Attack("apgd_ce", 0.1), Attack("autoattack", 0.1), Attack("pgd", 0.1)])
     assert [a.name for a in suite] == ["apgd_ce", "apgd_t", "fab_t", "square", "pgd"]
+
+
+def test_pgd_at_is_clearly_more_robust_than_standard_training_on_mnist5k(trained_models):
+    """The claim every robustness tool must reproduce: PGD-AT beats standard training under PGD (the session's
+    models: 4 epochs on 2,000 digits at Linf eps 0.15, attacked with PGD-20 at 0.2 on 500 test digits; measured
+    8% vs 36%)."""
+    x_test, y_test = load_dataset("mnist5k").test.take(500)
+    robust = {}
+    for method in ("standard", "pgd_at"):
+        model = trained_models[method][0].model.eval()
+        x_adv = pgd(model, x_test, y_test, eps=0.2, steps=20, generator=make_generator(0, "cpu"))
+        with torch.no_grad():
+            robust[method] = float((model(x_adv).argmax(1) == y_test).float().mean())
+            clean = float((model(x_test).argmax(1) == y_test).float().mean())
+        assert clean > 0.8, (method, clean)
+    assert robust["pgd_at"] > robust["standard"] + 0.2, robust
