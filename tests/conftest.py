@@ -47,7 +47,7 @@ RAY = Path(sys.executable).parent / "ray"
 SLOW_FIXTURES = {"trained_models", "local_ray", "ray_head"}  # they train for seconds or start Ray: users are slow
 
 
-# The files that take longest (about a minute or more each), longest first. `make test` hands whole files to three
+# The files that take longest (about a minute or more each), longest first. `make test` hands whole files to two
 # workers in collection order (--dist loadfile --no-loadscope-reorder): started first, they run side by side while
 # the many short files fill in around them, instead of one of them starting last on a worker of its own.
 LONGEST_FIRST = ["test_faults_driver.py", "test_sequential.py", "test_reproducible.py", "test_faults_server.py",
