@@ -284,8 +284,8 @@ def console_text(study: StudyFile, outcome) -> str:
         if ranking.shown(confirmation):
             out.append("\nranking (mean robust accuracy on the confirmation seeds; Δ and 95% CI against the control):")
             out.append(ranking.ranking_text(ranking.ranking(confirmation, study.control_arm)))
-            out += ["SNS on each base: " + "; ".join(ranking.base_lines(confirmation))] if ranking.base_lines(
-                confirmation) else []
+            per_base = ranking.base_lines(confirmation)
+            out += ["SNS on each base: " + "; ".join(per_base)] if per_base else []
     out.append(f"\nMLflow parent run {outcome.parent_run_id}; Ray results {outcome.experiment_path}")
     out.append(f"open the MLflow UI:  {outcome.ui_command}")
     if getattr(confirmation, "per_search", []):
