@@ -86,6 +86,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def writable_dir(path: str | Path, what: str) -> Path:
     """`path` as an absolute directory we can write to (created if missing); one-line ValueError otherwise."""
     path = Path(path).expanduser().resolve()

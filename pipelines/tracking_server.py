@@ -11,6 +11,13 @@ line (which `ps` shows) or a config file: the admin password from MLFLOW_AUTH_AD
 characters), a new user's password from NSLAB_NEW_PASSWORD, and clients (studies, `ray job submit`) log in
 with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD. The server listens on 127.0.0.1 unless --host
 says otherwise (a cluster head: its private address). Stop it with SIGTERM (Ctrl+C).
+
+Every request of a study (each trial logs its epochs, tags and artifacts) carries the password, and MLflow
+checks it against a deliberately slow hash (scrypt: 0.1 CPU-seconds here). With --auth the server keeps a
+checked password for --auth-cache-seconds (default 60, MLflow's `auth_cache_ttl_seconds`; 0: check every
+request), so the hash runs about once a minute per user instead of on every request (docs/studies.md: a
+one-trial study cost the server 47 CPU-seconds without it, 7 with it). The price, as MLflow documents it: with several
+--workers, a changed or revoked password may still work on the other workers for up to that long.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from pipelines._common import Parser, positive_int, run_cli, setup_logging, writable_dir
+from pipelines._common import Parser, non_negative_int, positive_int, run_cli, setup_logging, writable_dir
 
 
 def build_parser() -> Parser:
@@ -29,6 +36,10 @@ def build_parser() -> Parser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=positive_int, default=5000, help="port (default 5000)")
     parser.add_argument("--auth", action="store_true", help="MLflow's basic-auth app: users and passwords")
+    parser.add_argument("--auth-cache-seconds", type=non_negative_int, default=None, metavar="S",
+                        help=f"with --auth: keep a checked password for S seconds instead of hashing it on every "
+                             f"request (default {AUTH_CACHE_SECONDS}; 0: check every request; a revoked password may "
+                             "still work for up to S seconds on the other workers)")
     parser.add_argument("--workers", type=positive_int, default=2, help="server worker processes (default 2)")
     parser.add_argument("--add-user", metavar="NAME", help="create a user on a running --auth server and exit")
     parser.add_argument("--tracking-uri", default="http://127.0.0.1:5000", help="the server, for --add-user")
@@ -36,7 +47,11 @@ def build_parser() -> Parser:
     return parser
 
 
-def server_command(store: Path, host: str, port: int, auth: bool, workers: int) -> tuple[list[str], dict[str, str]]:
+AUTH_CACHE_SECONDS = 60
+
+
+def server_command(store: Path, host: str, port: int, auth: bool, workers: int,
+                   auth_cache_seconds: int = AUTH_CACHE_SECONDS) -> tuple[list[str], dict[str, str]]:
     """The `mlflow server` argv and environment (secrets only in the environment)."""
     env = dict(os.environ)
     # MLflow 3's GenAI job runner (six huey worker processes) serves nothing nslab logs: leave it off
@@ -53,7 +68,8 @@ def server_command(store: Path, host: str, port: int, auth: bool, workers: int) 
         ini.write_text("[mlflow]\ndefault_permission = READ\n"
                        f"database_uri = sqlite:///{store / 'basic_auth.db'}\n"
                        f"admin_username = {env.get('MLFLOW_AUTH_ADMIN_USERNAME', 'admin')}\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                       f"auth_cache_ttl_seconds = {auth_cache_seconds}\n")
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
         env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))  # CSRF protection of the auth app
         argv += ["--app-name", "basic-auth"]
@@ -80,8 +96,11 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if not args.store:
         raise ValueError("pass --store DIR: the folder for the server's database and artifacts")
+    if args.auth_cache_seconds is not None and not args.auth:
+        raise ValueError("--auth-cache-seconds applies only with --auth (a server without users checks no passwords)")
     store = writable_dir(args.store, "tracking store folder")
-    command, env = server_command(store, args.host, args.port, args.auth, args.workers)
+    cache = AUTH_CACHE_SECONDS if args.auth_cache_seconds is None else args.auth_cache_seconds
+    command, env = server_command(store, args.host, args.port, args.auth, args.workers, cache)
     if args.dry_run:
         print(" ".join(command))
         return 0

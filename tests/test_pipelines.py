@@ -286,3 +286,22 @@ def test_resume_dry_run_says_whether_the_study_is_finished_and_what_resume_would
     last = capsys.readouterr().out.strip().splitlines()[-1]
     run = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "nslab-tiny").find_runs("attributes.status != ''")[0]
     assert last.startswith("# study tiny-20260101-000000 ") and says.format(run=run.info.run_id) in last, last
+
+
+def test_an_auth_server_keeps_a_checked_password_for_a_minute_unless_told_otherwise(tmp_path, capsys, monkeypatch):
+    """MLflow itself reads the cache setting nslab writes (its scrypt check costs 0.1 CPU-s a request); the
+    setting without --auth is one line, not a silently ignored flag."""
+    from mlflow.server.auth.config import read_auth_config
+
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "admin-password-0123")
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / "basic_auth.ini"))
+    for flags, seconds in (([], 60), (["--auth-cache-seconds", "0"], 0), (["--auth-cache-seconds", "5"], 5)):
+        assert tracking_server.main(["--store", str(tmp_path), "--auth", "--dry-run", *flags]) == 0
+        assert read_auth_config().auth_cache_ttl_seconds == seconds
+    capsys.readouterr()
+    assert tracking_server.main(["--store", str(tmp_path), "--auth-cache-seconds", "30", "--dry-run"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--auth-cache-seconds applies only with --auth" in lines[0]
+    with pytest.raises(SystemExit) as exit_:
+        tracking_server.main(["--store", str(tmp_path), "--auth", "--auth-cache-seconds", "-1"])
+    assert exit_.value.code == 2 and "must be >= 0, got -1" in capsys.readouterr().err
