@@ -36,8 +36,9 @@ def arm_color(arm: str) -> str:
 def sensitivity_figure(smap, selected: Mapping[str, Any] | None = None, title: str = "neuron sensitivity") -> Figure:
     """`selected`: the neurons the method stabilizes (SNS), drawn in red; None for methods that select none."""
     layers = smap.layers
-    figure = Figure(figsize=(3.2 * len(layers), 3.0), layout="constrained")
+    figure = Figure(figsize=(3.2 * len(layers), 3.0))
     axes = figure.subplots(1, len(layers), squeeze=False)[0]
+    _margins(figure, len(layers))
     for ax, layer in zip(axes, layers, strict=True):
         sigma = smap.absolute[layer]
         order = sigma.argsort(descending=True)
@@ -50,6 +51,17 @@ def sensitivity_figure(smap, selected: Mapping[str, Any] | None = None, title: s
     axes[0].set_ylabel("sensitivity (mean |F(x) - F(x')|)", fontsize=8)
     figure.suptitle(f"{title}; red: the neurons SNS stabilizes" if selected else title, fontsize=10)
     return figure
+
+
+def _margins(figure: Figure, columns: int, left: float = 0.65, right: float = 0.12, bottom: float = 0.45,
+             top: float = 0.6, gap: float = 0.42) -> None:
+    """Fixed margins in inches for a row of same-sized panels with short labels. Every trial draws such a figure,
+    and constrained layout's measuring passes took half of its 0.5 CPU-seconds (0.47 s against 0.24 s, measured
+    on the 2-core CI machine for LeNet-5's four layers)."""
+    width, height = figure.get_size_inches()
+    panel = (width - left - right - (columns - 1) * gap) / columns
+    figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                           wspace=gap / panel)
 
 
 def pareto_figure(rows: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],

@@ -312,11 +312,12 @@ class Tracker:
             self.client.log_artifact(run_id, str(local), directory or None)
 
     def log_figure(self, run_id: str, figure, artifact_path: str) -> None:
-        """Save a matplotlib figure as PNG and log it at `artifact_path`."""
+        """Save a matplotlib figure as PNG and log it at `artifact_path`. nslab's figures lay themselves out inside
+        their canvas (constrained layout, or fixed margins), so no second drawing pass crops them ("tight")."""
         directory, name = os.path.split(artifact_path)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / name
-            figure.savefig(local, dpi=120, bbox_inches="tight")
+            figure.savefig(local, dpi=120)
             self.client.log_artifact(run_id, str(local), directory or None)
 
     def log_dict(self, run_id: str, data: Mapping[str, Any], artifact_path: str) -> None:
