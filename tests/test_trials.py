@@ -174,6 +174,45 @@ def test_an_untuned_baseline_is_one_trial_and_so_is_a_baseline_with_nothing_shar
     assert method.describe() == "SNS, tuned over 3 trials"
 
 
+def two_a_round(study, outcomes):  # the confirmation's plan, in miniature: two trials a round, three rounds
+    PLANNED.append(len(outcomes))
+    return [] if len(outcomes) >= 6 else [settings(study, label=f"r{len(outcomes) // 2}-{i}") for i in (1, 2)]
+
+
+PLANNED: list[int] = []
+
+
+def test_rounds_run_at_the_studys_concurrency_and_a_round_waits_for_the_last(tmp_path):
+    """The confirmation's searcher: at most `concurrency` trials out at once (a worker more would start only to be
+    thrown away), the next round planned from every outcome once the round has ended, the cap kept on --resume."""
+    import functools
+
+    from orchestrator.execution.search import Rounds
+
+    plan = functools.partial(two_a_round, tiny(tmp_path))
+    for concurrency, at_once in ((1, 1), (2, 2), (None, 2)):
+        PLANNED.clear()
+        rounds, issued = Rounds(plan, concurrency), []
+        while True:
+            out = []
+            while (config := rounds.suggest(f"t{len(issued)}")) not in (None, Rounds.FINISHED):
+                issued.append(f"t{len(issued)}")
+                out.append(TrialSettings.of(config).label)
+            if config == Rounds.FINISHED:
+                break
+            assert 1 <= len(out) <= at_once, (concurrency, out)
+            for trial_id in issued[-len(out):]:
+                rounds.on_trial_complete(trial_id, {"val/robust_acc": 0.5})
+        assert len(issued) == 6 and PLANNED == [0, 2, 4, 6]  # a round only after the last one ended
+    Rounds(plan, 1).save(str(tmp_path / "rounds.pkl"))
+    restored = Rounds(plan)
+    restored.restore(str(tmp_path / "rounds.pkl"))
+    assert restored.concurrency == 1 and restored.suggest("a") is not None and restored.suggest("b") is None
+    older = Rounds.__new__(Rounds)  # a searcher pickled before the cap existed resumes as the cluster allows
+    older.__dict__.update({k: v for k, v in Rounds(plan, 1).__dict__.items() if k != "concurrency"})
+    assert older.concurrency is None and older.suggest("a") is not None and older.suggest("b") is not None
+
+
 def test_one_warmup_rule_groups_trials_by_their_base_trajectory(tmp_path):
     study = tiny(tmp_path, experiment={"train": {"epochs": 3}, "sns": {"warmup_epochs": 2}})
     trials = [settings(study, label=f"sns-s{s}-w{w}", overrides={"train.seed": s, "sns.warmup_epochs": w})

@@ -47,10 +47,12 @@ def run_search(study: StudyFile, searches: list[list[ArmSampler]], path: str, re
 
 
 def run_rounds(plan: Callable[[list[dict]], list[TrialSettings]], path: str, name: str, resources: dict[str, float],
-               *, limit: int, max_failures: int = 1, callbacks: Sequence[tune.Callback] = ()) -> tune.ResultGrid:
-    """Trials in rounds (Rounds) as the Tune experiment <path>/<name>; `limit`: the most trials it may run."""
+               *, limit: int, concurrency: int | None = None, max_failures: int = 1,
+               callbacks: Sequence[tune.Callback] = ()) -> tune.ResultGrid:
+    """Trials in rounds (Rounds) as the Tune experiment <path>/<name>; `limit`: the most trials it may run;
+    `concurrency`: the most at once (None: as the cluster allows)."""
     return _fit(path, name, resources, param_space={}, tune_config=tune.TuneConfig(
-        search_alg=Rounds(plan), num_samples=limit, trial_dirname_creator=_trial_name,
+        search_alg=Rounds(plan, concurrency), num_samples=limit, trial_dirname_creator=_trial_name,
         trial_name_creator=_trial_name, reuse_actors=True), max_failures=max_failures, callbacks=callbacks, keep=2)
 
 

@@ -179,6 +179,7 @@ def run_confirmation(study: StudyFile, rows: list[dict], pareto: list[bool], rec
              study.confirm.max_seeds)
     plan = functools.partial(plan_round, study, configurations, record)
     grid = run_rounds(plan, path, "confirm", resources, limit=study.confirm.max_seeds * len(configurations),
+                      concurrency=study.study.concurrency * study.study.replicates,  # as in the search
                       max_failures=study.study.max_failures,
                       callbacks=[TrialLog(record.tracking_uri, record.mlflow_experiment,
                                           ["test/clean_acc", "test/robust_acc"], phase="confirm")])
