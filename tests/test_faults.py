@@ -28,7 +28,6 @@ pytestmark = pytest.mark.slow
 WRITER = """
 import sys
 from orchestrator.record.tracking import Tracker
-from pipelines import tracking_server, train
 tracker = Tracker(sys.argv[1], "nslab")
 run = tracker.start_run("writer", tags={"nslab.kind": "train"})
 tracker.log_metrics(run, {"val/robust_acc": 0.5}, step=1)
