@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.config.loader import ConfigError
+from orchestrator.config import ConfigError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

@@ -12,9 +12,11 @@ import yaml
 
 from ns_core.attacks import Attack
 from ns_core.objectives import OBJECTIVES
+from orchestrator.config import ConfigError
 from orchestrator.config.analysis import load_methods_config
 from orchestrator.config.experiment import ExperimentConfig, smoke_experiment
-from orchestrator.config.loader import ConfigError, apply_overrides, canonical_path, load_config, parse_set
+from orchestrator.config.loader import apply_overrides, load_config, parse_set
+from orchestrator.config.paths import canonical_path
 from orchestrator.config.search_space import ParamSpec
 from orchestrator.config.study import load_study, smoke_study
 

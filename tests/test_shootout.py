@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config.loader import ConfigError
+from orchestrator.config import ConfigError
 from orchestrator.config.search_space import reads_path
 from orchestrator.config.study import load_study
 from orchestrator.study.confirmation import Configuration, summarize

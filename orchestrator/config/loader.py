@@ -9,7 +9,7 @@ deep-merged over the base's); any nested mapping may do the same (a study's `exp
 A `base` whose value is not a .yaml/.yml path is an ordinary field (`sns: {base: pgd_at}`).
 Every mistake is a `ConfigError`, a ValueError whose message is one line naming the field path and the
 fix, e.g. `config error: study.trials: must be >= 1 (got -3) (in configs/study/x.yaml)`. Dotted paths
-(`sns.lam`, alias `sns.lambda`; `train.lr`) name leaf fields and are checked against the model.
+(`sns.lam`, alias `sns.lambda`; `train.lr`) name leaf fields and are checked against the model (paths.py).
 """
 
 from __future__ import annotations
@@ -17,21 +17,18 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ns_core.registry import Registry
+from orchestrator.config import ConfigError
+from orchestrator.config.paths import block_fields, nested_block, path_parts, set_parts
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A config mistake; str() is one line starting with 'config error:'."""
 
 
 class Strict(BaseModel):
@@ -104,9 +101,9 @@ def load_config(path: str | Path, cls: type[M], overrides: dict[str, Any] | None
     given = {}
     for dotted, value in (overrides or {}).items():
         flag = (origins or {}).get(dotted) or f"--set {dotted}={_shown(value)}"
-        parts = _path_parts(cls, dotted, flag=flag)
+        parts = path_parts(cls, dotted, flag=flag)
         full = ".".join(p.name for p in parts)
-        _set_parts(data, parts, _number(full, value))
+        set_parts(data, parts, _number(full, value))
         given[full] = flag
     return validate(cls, data, source=str(path), origins=given)
 
@@ -180,174 +177,26 @@ def _check_kind(data: dict, cls: type, path: str | Path) -> None:
 
     if cls not in KINDS:
         return
-    fields = set(_block_fields(cls)) | {alias for alias, _ in _block_fields(cls).values() if alias} | {"base"}
+    fields = set(block_fields(cls)) | {alias for alias, _ in block_fields(cls).values() if alias} | {"base"}
     if set(data) <= fields:
         return
     for other, (what, command) in KINDS.items():
-        other_fields = set(_block_fields(other)) | {"base"}
+        other_fields = set(block_fields(other)) | {"base"}
         if other is not cls and set(data) <= other_fields:
             expected = KINDS[cls][0]
             raise ConfigError(f"config error: {path} is {what}, not {expected}; run it with {command}, or give "
                               f"{KINDS[cls][1]} {expected} (see configs/)")
 
 
-# ---- dotted paths and overrides ------------------------------------------------------------------------
-
-
-def canonical_path(cls: type, path: str, source: str | None = None, flag: str | None = None) -> str:
-    """'sns.lambda' -> 'sns.lam'; a path that names no leaf field is a ConfigError naming the valid ones and
-    where the path came from: the flag that gave it (`flag`, e.g. '--set sns.lamm=1'), else the file (`source`).
-    A mapping field's key is part of the path: 'search_space.sns.lam.high' is the `high` of the entry `sns.lam`."""
-    return ".".join(p.name for p in _path_parts(cls, path, source, flag))
-
-
-class _Part(NamedTuple):
-    """One step of a dotted path into config data: a field name, or a mapping's key (`key` says how to match
-    an existing key of the data: its canonical form)."""
-
-    name: str
-    key: Callable[[str], str] | None = None
-
-
-def _path_parts(cls: type, path: str, source: str | None = None, flag: str | None = None) -> list[_Part]:
-    where_from = f" (from {flag})" if flag else f" (in {source})" if source else ""
-    parts: list[_Part] = []
-    block: type | None = cls
-    segments = path.split(".")
-    i = 0
-    while i < len(segments):
-        segment, fields = segments[i], _block_fields(block)
-        name = next((n for n, (alias, _) in fields.items() if segment in (n, alias)), None)
-        if name is None:
-            where = ".".join(p.name for p in parts) or "the top level"
-            names = [f"{n} (alias {alias})" if alias else n for n, (alias, _) in fields.items()]
-            close = difflib.get_close_matches(segment, list(fields), n=1)
-            hint = f"; did you mean {'.'.join([*(p.name for p in parts), close[0]])!r}?" if close else ""
-            if not parts and not close:  # a path of a block given from the top ('sns.lam' for a study)
-                inside = [f"{n}.{path}" for n, (_, a) in fields.items() if _resolves(_nested_block(a), path)]
-                hint = f"; did you mean {inside[0]!r}?" if inside else ""
-            raise ConfigError(f"config error: {path!r} is not a field; {where} has: {', '.join(names)}{hint}"
-                              f"{where_from}")
-        parts.append(_Part(name))
-        i += 1
-        entry = _mapping_value(fields[name][1])
-        if entry is not None:  # the rest is one of its keys, then (maybe) a field of that entry
-            if i == len(segments):
-                raise ConfigError(f"config error: {path!r} is a mapping; name one of its entries, e.g. "
-                                  f"{path}.KEY (or a field of one: {path}.KEY.{next(iter(_block_fields(entry)))})"
-                                  f"{where_from}")
-            canon = _key_canonicalizer(block, name, where_from)
-            key, rest = _split_key(segments[i:], entry, path, where_from)
-            parts.append(_Part(canon(key), canon))
-            block, segments, i = entry, rest, 0
-            continue
-        block = _nested_block(fields[name][1])
-        last = i == len(segments)
-        if block is not None and last and not _is_dataclass(block):
-            raise ConfigError(f"config error: {path!r} is a block; name one of its fields: "
-                              f"{', '.join(f'{path}.{f}' for f in _block_fields(block))}")
-        if block is None and not last:
-            raise ConfigError(f"config error: {'.'.join(p.name for p in parts)} has no sub-fields (path {path!r})")
-    return parts
-
-
-def _resolves(block: type | None, path: str) -> bool:
-    try:
-        return block is not None and bool(_path_parts(block, path))
-    except ConfigError:
-        return False
-
-
-def _mapping_value(annotation: Any) -> type | None:
-    """The model a `dict[str, Model]` field maps its keys to (search_space: ParamSpec), else None."""
-    if typing.get_origin(annotation) is dict:
-        value = typing.get_args(annotation)[1]
-        return value if isinstance(value, type) and issubclass(value, BaseModel) else None
-    return None
-
-
-def _key_canonicalizer(owner: type, field: str, where_from: str) -> Callable[[str], str]:
-    """How the model `owner` names the keys of its mapping `field` (its `mapping_keys`; a ConfigError names
-    the flag), else the key as given."""
-    rule = getattr(owner, "mapping_keys", {}).get(field)
-    if rule is None:
-        return lambda key: key
-
-    def canon(key: str) -> str:
-        try:
-            return rule(key)
-        except ConfigError as err:
-            raise ConfigError(f"config error: {field}: {str(err).removeprefix('config error: ')}{where_from}") from None
-
-    return canon
-
-
-def _split_key(rest: list[str], entry: type, path: str, where_from: str) -> tuple[str, list[str]]:
-    """A mapping key that may hold dots ('sns.lam'), and the path inside its entry that follows ('high'): the
-    shortest key after which the rest names a field of the entry; the whole rest is the key otherwise."""
-    fields = _block_fields(entry)
-    for k in range(1, len(rest)):
-        if rest[k] in fields and (len(rest) == k + 1 or _nested_block(fields[rest[k]][1]) is not None):
-            return ".".join(rest[:k]), rest[k:]
-    close = difflib.get_close_matches(rest[-1], list(fields), n=1)
-    if len(rest) > 1 and close:
-        fixed = ".".join([*path.split(".")[:-1], close[0]])
-        raise ConfigError(f"config error: {path!r} is not a field; an entry has: {', '.join(fields)}; did you mean "
-                          f"{fixed!r}?{where_from}")
-    return ".".join(rest), []
-
-
-def _is_dataclass(cls: type) -> bool:
-    return hasattr(cls, "__dataclass_fields__")
-
-
-def _block_fields(cls: type) -> dict[str, tuple[str | None, Any]]:
-    """name -> (alias, annotation) of a pydantic model or a dataclass (a leaf value, such as an Attack)."""
-    if isinstance(cls, type) and issubclass(cls, BaseModel):
-        return {n: (f.alias, f.annotation) for n, f in cls.model_fields.items()}
-    return {n: (None, f.type) for n, f in getattr(cls, "__dataclass_fields__", {}).items()}
-
-
-def _nested_block(annotation: Any) -> type | None:
-    """The model or dataclass a field holds (through `X | None`), or None for a plain value."""
-    for candidate in (annotation, *getattr(annotation, "__args__", ())):
-        if isinstance(candidate, type) and (issubclass(candidate, BaseModel) or _is_dataclass(candidate)):
-            return candidate
-    return None
-
-
-def _set_parts(data: dict, parts: list[_Part], value: Any) -> None:
-    """Set the value at `parts` in config data (blocks made as needed); a mapping's key matches an existing
-    key of the same canonical form ('sns.lambda' in the YAML is the entry 'sns.lam'), and a mapping entry set
-    to null is removed."""
-    for i, part in enumerate(parts):
-        name = part.name
-        if part.key is not None:
-            name = next((k for k in data if isinstance(k, str) and _same_key(part.key, k, part.name)), name)
-        if i == len(parts) - 1:
-            if part.key is not None and value is None:
-                data.pop(name, None)
-            else:
-                data[name] = value
-            return
-        if not isinstance(data.get(name), dict):
-            data[name] = {}
-        data = data[name]
-
-
-def _same_key(canon: Callable[[str], str], key: str, wanted: str) -> bool:
-    try:
-        return canon(key) == wanted
-    except ConfigError:  # a bad key already in the file: validation names it
-        return False
+# ---- overrides ---------------------------------------------------------------------------------------------
 
 
 def apply_overrides(config: M, overrides: dict[str, Any], source: str | None = None) -> M:
     """A copy of `config` with dotted-path fields set to new values, validated again."""
     data = config.model_dump(mode="json", exclude_unset=False)
     for dotted, value in overrides.items():
-        parts = _path_parts(type(config), dotted, source)
-        _set_parts(data, parts, _number(".".join(p.name for p in parts), value))
+        parts = path_parts(type(config), dotted, source)
+        set_parts(data, parts, _number(".".join(p.name for p in parts), value))
     return validate(type(config), data, source)
 
 
@@ -404,12 +253,12 @@ def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
     indexes are skipped)."""
     cls: Any = root
     for part in loc:
-        fields = _block_fields(cls)
+        fields = block_fields(cls)
         name = next((n for n, (alias, _) in fields.items() if part in (n, alias)), None)
         if name is None:
             continue
         annotation = fields[name][1]
-        nested = [b for c in (annotation, *getattr(annotation, "__args__", ())) if (b := _nested_block(c))]
+        nested = [b for c in (annotation, *getattr(annotation, "__args__", ())) if (b := nested_block(c))]
         if nested:
             cls = nested[0]
-    return [alias or n for n, (alias, _) in _block_fields(cls).items()]
+    return [alias or n for n, (alias, _) in block_fields(cls).items()]

@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from orchestrator.config import ConfigError
 from orchestrator.config.experiment import ExperimentConfig
-from orchestrator.config.loader import ConfigError, Strict, apply_overrides
+from orchestrator.config.loader import Strict, apply_overrides
 
 MAX_COMBINATIONS = 256  # edge combinations checked at load time (a seeded sample beyond this)
 

@@ -26,9 +26,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from orchestrator.config import ConfigError
 from orchestrator.config.arms import Arm, ArmSpec
 from orchestrator.config.experiment import EvalAttack, ExperimentConfig, smoke_experiment, threat_model_notes
-from orchestrator.config.loader import ConfigError, Strict, apply_overrides, canonical_path, config_kind, load_config
+from orchestrator.config.loader import Strict, apply_overrides, config_kind, load_config
+from orchestrator.config.paths import canonical_path
 from orchestrator.config.search_space import ParamSpec, check_combinations, check_override, reads_path
 from orchestrator.results import count
 

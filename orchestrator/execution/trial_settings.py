@@ -23,7 +23,8 @@ from typing import Any
 
 from ns_core.attacks import Attack
 from orchestrator.config.experiment import ExperimentConfig
-from orchestrator.config.loader import canonical_path, validate
+from orchestrator.config.loader import validate
+from orchestrator.config.paths import canonical_path
 
 CONFIG_KEY = "trial"  # the one key of a Tune trial config
 
