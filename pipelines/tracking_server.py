@@ -15,9 +15,9 @@ says otherwise (a cluster head: its private address). Stop it with SIGTERM (Ctrl
 Every request of a study (each trial logs its epochs, tags and artifacts) carries the password, and MLflow
 checks it against a deliberately slow hash (scrypt: 0.1 CPU-seconds here). With --auth the server keeps a
 checked password for --auth-cache-seconds (default 60, MLflow's `auth_cache_ttl_seconds`; 0: check every
-request), so the hash runs about once a minute per user instead of on every request (docs/studies.md: a
-one-trial study cost the server 47 CPU-seconds without it, 7 with it). The price, as MLflow documents it: with several
---workers, a changed or revoked password may still work on the other workers for up to that long.
+request), so the hash runs about once a minute per user instead of on every request (docs/studies.md: the
+outage test's study cost the server 47 CPU-seconds without it, 7 with it). The price, as MLflow documents it:
+with several --workers, a changed or revoked password may still work on the other workers for up to that long.
 """
 
 from __future__ import annotations
